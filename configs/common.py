@@ -1,0 +1,42 @@
+"""Helpers shared by the task configs: the paper's NLU recipe and the published code's variant."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ as a package-less import root
+
+import default  # noqa: E402
+
+from frlora_jax.data.tasks import apply_task  # noqa: E402
+
+
+def paper_nlu(task: str, local_steps: int):
+  """REFERENCE.md's NLU setup: roberta-base, 5 Dirichlet(0.5) clients, r16/a32, batch 64, lr 2e-4, 200 rounds."""
+  c = default.get_config()
+  apply_task(c, task)
+  c.model.name = "roberta-base"
+  c.fl.num_clients, c.fl.partition, c.fl.dirichlet_beta = 5, "dirichlet", 0.5
+  c.fl.rounds, c.fl.local_steps = 200, local_steps
+  c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, ("query", "value")
+  c.optim.lr, c.optim.batch_size, c.optim.weight_decay = 2e-4, 64, 0.0
+  return c
+
+
+def official(c):
+  """The published code's settings: frozen A, uniform weights, AdamW kept across rounds,
+  schedule over len(loader) * rounds, batch 32, lr 2e-5, max length 256, 10 local steps."""
+  c.lora.freeze_a = True
+  c.fl.weighting = "uniform"
+  c.fl.keep_optimizer_state = True
+  c.fl.schedule_steps = "loader"
+  c.fl.local_steps = 10
+  c.optim.batch_size, c.optim.lr, c.optim.warmup_ratio = 32, 2e-5, 0.03
+  c.data.max_length = 256
+  return c
+
+
+def variant(c, arg):
+  if not arg:
+    return c
+  if arg == "official":
+    return official(c)
+  raise ValueError(f"Unknown config variant {arg!r}; use ':official' or none.")

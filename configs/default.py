@@ -1,0 +1,69 @@
+"""Defaults every task config starts from. Field names here are the public interface."""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.eval_every = 1
+  c.eval_batch_size = 64
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "roberta-base"   # hub id, local dir, or pypi:<pkg>==<ver>/<dir in wheel>
+  c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "custom"          # a name in frlora_jax.data.TASKS fills the fields below
+  c.data.source = "csv"           # hub | disk | csv | jsonl | pypi
+  c.data.path = ""
+  c.data.name = ""                # dataset config name for hub sources (e.g. GLUE subset)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.eval_path = ""           # separate eval file for csv/jsonl sources
+  c.data.eval_fraction = 0.1      # seeded hold-out when there is no eval split or file
+  c.data.text_fields = ("text",)
+  c.data.label_field = "label"
+  c.data.label_names = ()         # string labels in class order; empty: integer labels
+  c.data.num_labels = 0           # 0: from label_names or the data
+  c.data.drop_labels = ()
+  c.data.metric = "accuracy"      # accuracy | mcc | macro_f1: the headline metric
+  c.data.max_length = 256
+  c.data.max_train_examples = 0   # 0: all (a seeded subsample otherwise)
+  c.data.max_eval_examples = 0
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.algorithm = "frlora"
+  c.fl.num_clients = 5
+  c.fl.clients_per_round = 0      # 0: all clients every round
+  c.fl.rounds = 200
+  c.fl.local_steps = 10
+  c.fl.partition = "dirichlet"    # iid | dirichlet | natural
+  c.fl.dirichlet_beta = 0.5
+  c.fl.natural_field = ""
+  c.fl.executor = "auto"          # auto | vmap | map | loop
+  c.fl.clients_per_chunk = 0      # vmap at most this many clients at once (0: all)
+  c.fl.aggregation = "factors"    # FRLoRA: factors | product
+  c.fl.weighting = "data_size"    # data_size | uniform
+  c.fl.keep_optimizer_state = False  # the published code keeps each client's AdamW across rounds
+  c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.dropout = 0.05
+  c.lora.targets = ("query", "value")  # regexes on module paths
+  c.lora.init = "auto"            # auto (the algorithm's own) | kaiming | pissa
+  c.lora.freeze_a = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.head_lr = 0.0           # 0: same as lr
+  c.optim.batch_size = 64
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_ratio = 0.03
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  return c

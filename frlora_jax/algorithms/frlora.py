@@ -1,0 +1,45 @@
+"""FRLoRA: residual accumulation of client updates into the base, re-init to PiSSA factors.
+
+Each round every client starts from (W_res, A0, B0, head). The server folds the
+aggregated client update into the residual base,
+
+    W_res <- W_res + s * (AGG_k(A_k, B_k) - A0 @ B0),
+
+averages the head, and leaves the global LoRA at (A0, B0): the principal
+factors of the *pre-trained* weights, computed once. The global model
+W_res + s * A0 @ B0 therefore carries the sum of all rounds' updates, a
+higher-rank update than any single LoRA.
+"""
+import jax.numpy as jnp
+
+from frlora_jax import lora as lora_lib
+from frlora_jax.algorithms.base import Algorithm, weighted_mean
+
+AGGREGATIONS = ("factors", "product")
+
+
+def aggregate_update(a_k, b_k, weights, aggregation: str):
+  """AGG_k(A_k, B_k) for stacked factors a_k [K, in, r], b_k [K, r, out]."""
+  w = weights.astype(jnp.float32)
+  if aggregation == "factors":
+    return jnp.tensordot(w, a_k, axes=1) @ jnp.tensordot(w, b_k, axes=1)
+  if aggregation == "product":
+    return jnp.einsum("k,kir,kro->io", w, a_k, b_k)
+  raise ValueError(f"config.fl.aggregation={aggregation!r} is unknown; use one of {AGGREGATIONS}.")
+
+
+def frlora(*, lora_scale: float, aggregation: str = "factors", **_) -> Algorithm:
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"config.fl.aggregation={aggregation!r} is unknown; use one of {AGGREGATIONS}.")
+
+  def aggregate(server, trainables, weights, client_states):
+    client_entries = lora_lib.lora_entries(trainables["lora"])
+    kernels = {}
+    for path, init in lora_lib.lora_entries(server.lora).items():
+      update = aggregate_update(client_entries[path]["a"], client_entries[path]["b"], weights, aggregation)
+      w_res = lora_lib.get_kernel(server.base, path)
+      kernels[path] = (w_res.astype(jnp.float32) + lora_scale * (update - init["a"] @ init["b"])).astype(w_res.dtype)
+    base = lora_lib.replace_kernels(server.base, kernels)
+    return server.replace(base=base, head=weighted_mean(trainables["head"], weights)), client_states
+
+  return Algorithm(name="frlora", lora_init="pissa", freeze_a=None, aggregate=aggregate)

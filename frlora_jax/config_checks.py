@@ -1,0 +1,66 @@
+"""Checks of a config that need no data or model: they run before any work is done."""
+from __future__ import annotations
+
+from frlora_jax import algorithms, client
+from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS
+
+LORA_INITS = ("auto", "kaiming", "pissa")
+WEIGHTINGS = ("data_size", "uniform")
+SCHEDULE_STEPS = ("local", "loader")
+DTYPES = ("float32", "bfloat16")
+
+
+def _one_of(value, choices, field: str) -> None:
+  if value not in choices:
+    raise ValueError(f"{field}={value!r} is unknown; use one of {', '.join(map(str, choices))}.")
+
+
+def _positive(value, field: str, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f"{field}={value} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def check(config) -> None:
+  """Raise ValueError naming the field and the fix for any bad setting."""
+  fl, d, lo, op = config.fl, config.data, config.lora, config.optim
+  _one_of(fl.algorithm, algorithms.names(), "config.fl.algorithm")
+  _one_of(fl.executor, client.EXECUTORS, "config.fl.executor")
+  _one_of(fl.partition, PARTITIONS, "config.fl.partition")
+  _one_of(fl.weighting, WEIGHTINGS, "config.fl.weighting")
+  _one_of(fl.schedule_steps, SCHEDULE_STEPS, "config.fl.schedule_steps")
+  _one_of(d.source, SOURCES, "config.data.source")
+  _one_of(d.metric, METRICS, "config.data.metric")
+  _one_of(lo.init, LORA_INITS, "config.lora.init")
+  _one_of(config.model.dtype, DTYPES, "config.model.dtype")
+  if d.task != "custom":
+    _one_of(d.task, tuple(TASKS) + ("custom",), "config.data.task")
+  if fl.partition == "dirichlet" and fl.dirichlet_beta <= 0:
+    raise ValueError(f"config.fl.dirichlet_beta={fl.dirichlet_beta} must be > 0 "
+                     f"(smaller is more skewed; the paper uses 0.5).")
+  if fl.partition == "natural" and not fl.natural_field:
+    raise ValueError("config.fl.natural_field is empty; name the column whose values define the clients.")
+  if fl.partition != "natural":
+    _positive(fl.num_clients, "config.fl.num_clients")
+  _positive(fl.rounds, "config.fl.rounds")
+  _positive(fl.local_steps, "config.fl.local_steps")
+  _positive(fl.clients_per_round, "config.fl.clients_per_round", allow_zero=True)
+  if fl.partition != "natural" and fl.clients_per_round > fl.num_clients:
+    raise ValueError(f"config.fl.clients_per_round={fl.clients_per_round} exceeds config.fl.num_clients="
+                     f"{fl.num_clients}; lower it (0 means all clients).")
+  _positive(fl.clients_per_chunk, "config.fl.clients_per_chunk", allow_zero=True)
+  _positive(lo.rank, "config.lora.rank")
+  _positive(lo.alpha, "config.lora.alpha")
+  if not 0.0 <= lo.dropout < 1.0:
+    raise ValueError(f"config.lora.dropout={lo.dropout} must be in [0, 1).")
+  if not lo.targets:
+    raise ValueError("config.lora.targets is empty; give regexes of module paths, e.g. ('query', 'value').")
+  _positive(op.lr, "config.optim.lr")
+  _positive(op.batch_size, "config.optim.batch_size")
+  _positive(d.max_length, "config.data.max_length")
+  _positive(config.eval_every, "config.eval_every")
+  _positive(config.eval_batch_size, "config.eval_batch_size")
+  if not d.path:
+    raise ValueError("config.data.path is empty; point it at a dataset (hub id, folder, CSV/JSONL file) "
+                     "or pick a task with config.data.task.")
+  if not d.text_fields or len(d.text_fields) > 2:
+    raise ValueError(f"config.data.text_fields={tuple(d.text_fields)} must name one or two columns.")

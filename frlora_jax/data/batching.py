@@ -1,0 +1,67 @@
+"""Tokenized, fixed-shape arrays with a few length buckets.
+
+Training rows are padded to the smallest bucket that holds the longest
+training example (so short-sentence data is not padded to max_length, and
+every local step has the same shape). Evaluation batches are sorted by length
+and each padded to its own bucket: a handful of compiled shapes in all.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bucket_length(longest: int, max_length: int) -> int:
+  for b in BUCKETS:
+    if b >= longest:
+      return min(b, max_length)
+  return max_length
+
+
+def tokenize(tokenizer, texts: list[list[str]], max_length: int) -> dict[str, list]:
+  """texts: one list per text field (1 or 2 fields); truncates to max_length."""
+  first = [str(t) for t in texts[0]]
+  second = [str(t) for t in texts[1]] if len(texts) > 1 else None
+  return dict(tokenizer(first, second, truncation=True, max_length=max_length))
+
+
+def pad_rows(encoded: dict[str, list], rows, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Selected rows as [len(rows), length] int32 arrays (input_ids, attention_mask, ...)."""
+  out = {}
+  for name, values in encoded.items():
+    fill = pad_id if name == "input_ids" else 0
+    array = np.full((len(rows), length), fill, np.int32)
+    for i, r in enumerate(rows):
+      seq = values[r][:length]
+      array[i, :len(seq)] = seq
+    out[name] = array
+  return out
+
+
+def lengths(encoded: dict[str, list]) -> np.ndarray:
+  return np.array([len(ids) for ids in encoded["input_ids"]], np.int64)
+
+
+def train_arrays(encoded, labels, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  length = bucket_length(int(lengths(encoded).max()), max_length)
+  arrays = pad_rows(encoded, np.arange(len(labels)), length, pad_id)
+  arrays["labels"] = np.asarray(labels, np.int32)
+  return arrays
+
+
+def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+  """Length-sorted batches of exactly batch_size rows; `valid` marks the real ones."""
+  n = len(labels)
+  order = np.argsort(lengths(encoded), kind="stable")
+  labels = np.asarray(labels, np.int32)
+  batches = []
+  for start in range(0, n, batch_size):
+    rows = order[start:start + batch_size]
+    length = bucket_length(int(lengths({"input_ids": [encoded["input_ids"][r] for r in rows]}).max()), max_length)
+    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+    batch = pad_rows(encoded, padded, length, pad_id)
+    batch["labels"] = labels[padded]
+    batch["valid"] = np.arange(batch_size) < len(rows)
+    batches.append(batch)
+  return batches

@@ -1,0 +1,290 @@
+"""The round loop: sample clients -> local updates -> aggregate -> evaluate -> log -> checkpoint.
+
+All randomness of round r comes from fold_in(PRNGKey(seed), r), and the state
+between rounds is one pytree (`RunState`), so a run resumed from a checkpoint
+continues bit for bit as if it had never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from frlora_jax import algorithms, client, config_checks, data as data_lib, lora as lora_lib, models, optim
+from frlora_jax.algorithms import Algorithm, ServerState
+
+
+@flax.struct.dataclass
+class RunState:
+  """Everything that changes between rounds."""
+  round: jax.Array          # () int32, rounds completed
+  server: ServerState
+  client_steps: jax.Array   # [K] int32, local steps each client has taken
+  client_opt: Any = None    # [K, ...] kept optimizer states, or None
+  client_extra: Any = None  # [K, ...] algorithm client states, or None
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a run needs besides its state: data, model functions, compiled steps."""
+  config: Any
+  data: data_lib.FederatedData
+  model: models.Model
+  algorithm: Algorithm
+  lora_scale: float
+  freeze_a: bool
+  train_on_device: dict
+  client_matrix: np.ndarray
+  client_counts: np.ndarray
+  executor: Callable
+  prepare: Callable
+  aggregate: Callable
+  predict: Callable
+  tx: Any
+  init_state: Callable[[], RunState]
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.client_counts)
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def load_tokenizer(name: str):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(models.resolve_model_dir(name))
+
+
+def build(config, model: Optional[models.Model] = None) -> Experiment:
+  """Check the config, load data and model, and compile nothing yet."""
+  config_checks.check(config)
+  tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else load_tokenizer(config.model.name)
+  data = data_lib.build(config, tokenizer)
+  if model is None:
+    model = models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))
+  fl, lo, op = config.fl, config.lora, config.optim
+  algorithm = algorithms.build(fl.algorithm, lora_scale=lo.alpha / lo.rank, aggregation=fl.aggregation,
+                               config=config)
+  base, head = lora_lib.split_tree(model.params, model.head_patterns)
+  targets = lora_lib.find_targets(base, lo.targets)
+  if not targets:
+    raise ValueError(f"config.lora.targets={tuple(lo.targets)} match no 2-D kernel of {config.model.name!r}; "
+                     f"module paths look like {lora_lib.path_str(next(iter(lora_lib.find_targets(base, ['.']))))}.")
+  lora_lib.check_rank(targets, lo.rank)
+  scale = lo.alpha / lo.rank
+  init = algorithm.lora_init if lo.init == "auto" else lo.init
+  freeze_a = algorithm.freeze_a if algorithm.freeze_a is not None else bool(lo.freeze_a)
+  apply_fn = models.make_apply(model)
+
+  key = jax.random.PRNGKey(config.seed)
+  if init == "pissa":
+    lora0, base = lora_lib.init_pissa(base, targets, lo.rank, scale)
+  else:
+    lora0 = lora_lib.init_kaiming(jax.random.fold_in(key, 1), targets, lo.rank)
+  server0 = algorithm.init(ServerState(base=base, lora=lora0, head=head))
+
+  trainable0 = {"lora": lora0, "head": head}
+  tx = optim.adamw_direction(op.b1, op.b2, op.eps, op.weight_decay)
+  rates = optim.learning_rates(trainable0, op.lr, op.head_lr or op.lr, freeze_a)
+  local_update = client.make_local_update(
+      apply_fn, tx=tx, rates=rates, local_steps=fl.local_steps, batch_size=op.batch_size,
+      lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
+      regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction)
+  executor = client.make_executor(fl.executor, local_update, fl.clients_per_chunk)
+  matrix, counts = data_lib.partition.pack(data.client_indices)
+  k = len(counts)
+
+  def init_state() -> RunState:
+    stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
+    extra = algorithm.init_client(server0)
+    return RunState(
+        round=jnp.zeros((), jnp.int32), server=server0, client_steps=jnp.zeros((k,), jnp.int32),
+        client_opt=stacked(tx.init(trainable0)) if fl.keep_optimizer_state else None,
+        client_extra=None if extra is None else stacked(extra))
+
+  def prepare(server, extras, n: int):
+    """Each of the round's n clients' starting trainable tree."""
+    if extras is None:
+      start = algorithm.client_start(server, None)
+      return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), start)
+    return jax.vmap(algorithm.client_start, in_axes=(None, 0))(server, extras)
+
+  def predict(base, lora, head, batch):
+    """Predictions and per-example losses of the global model on one eval batch."""
+    params = lora_lib.join_trees(base, head)
+    with lora_lib.interceptor(lora, scale):
+      logits = apply_fn(params, batch, None, deterministic=True).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return jnp.argmax(logits, -1), losses
+
+  exp = Experiment(config=config, data=data, model=model, algorithm=algorithm, lora_scale=scale, freeze_a=freeze_a,
+                   train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
+                   client_counts=counts, executor=executor, prepare=jax.jit(prepare, static_argnums=2),
+                   aggregate=jax.jit(algorithm.aggregate), predict=jax.jit(predict), tx=tx, init_state=init_state)
+  return exp
+
+
+class NonFiniteError(FloatingPointError):
+  """A client's loss or update, or the aggregate, is NaN/inf."""
+
+
+def sample_clients(config, num_clients: int, round_index: int) -> np.ndarray:
+  """The round's clients: all, or `clients_per_round` drawn without replacement (seeded by round)."""
+  m = config.fl.clients_per_round or num_clients
+  if m >= num_clients:
+    return np.arange(num_clients)
+  rng = np.random.default_rng([config.seed, round_index, 0x5EED])
+  return np.sort(rng.choice(num_clients, size=m, replace=False))
+
+
+def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
+  """p_k: data-size weights or uniform, summing to 1."""
+  counts = np.asarray(counts, np.float64)
+  w = counts / counts.sum() if weighting == "data_size" else np.full(len(counts), 1.0 / len(counts))
+  return w.astype(np.float32)
+
+
+def schedule_position(config, state: RunState, ids: np.ndarray, counts: np.ndarray, round_index: int):
+  """(step0, total_steps) per client for the LR schedule.
+
+  Fresh AdamW each round (paper): the schedule runs over rounds*local_steps and the
+  round starts at round*local_steps. Kept AdamW (published code): each client's own
+  step count. Schedule length `loader` is ceil(n_k / batch) * rounds, as there.
+  """
+  fl = config.fl
+  if fl.keep_optimizer_state:
+    step0 = np.asarray(state.client_steps)[ids]
+  else:
+    step0 = np.full(len(ids), round_index * fl.local_steps)
+  if fl.schedule_steps == "loader":
+    total = np.ceil(counts[ids] / config.optim.batch_size).astype(np.int64) * fl.rounds
+  else:
+    total = np.full(len(ids), fl.rounds * fl.local_steps)
+  return jnp.asarray(step0, jnp.int32), jnp.asarray(total, jnp.int32)
+
+
+def _take(tree, ids):
+  return None if tree is None else jax.tree_util.tree_map(lambda x: x[ids], tree)
+
+
+def _put(tree, ids, values):
+  return None if tree is None else jax.tree_util.tree_map(lambda x, v: x.at[ids].set(v), tree, values)
+
+
+def communication_bytes(algorithm: Algorithm, trainable) -> dict[str, int]:
+  """Bytes one client uploads and downloads per round under the algorithm."""
+  def size(parts):
+    total = 0
+    for part in parts:
+      if part == "head":
+        tree = trainable["head"]
+      elif part in ("lora_a", "lora_b"):
+        tree = [e[part[-1]] for e in lora_lib.lora_entries(trainable["lora"]).values()]
+      else:
+        tree = trainable["lora"]
+      total += sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+    return int(total)
+  return {"upload_per_client": size(algorithm.uploads), "download_per_client": size(algorithm.downloads)}
+
+
+def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
+  """One federated round; returns the new state and its training record."""
+  config = exp.config
+  ids = sample_clients(config, exp.num_clients, round_index)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), round_index)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids))  # keyed by client id
+  extras = _take(state.client_extra, ids)
+  step0, total = schedule_position(config, state, ids, exp.client_counts, round_index)
+  inputs = client.ClientInput(
+      start=exp.prepare(state.server, extras, len(ids)), indices=jnp.asarray(exp.client_matrix[ids]),
+      count=jnp.asarray(exp.client_counts[ids]), rng=keys, step0=step0, total_steps=total,
+      opt_state=_take(state.client_opt, ids), extra=extras)
+  out = exp.executor({"base": state.server.base, "data": exp.train_on_device}, inputs)
+  finite = np.asarray(out.finite)
+  if not finite.all():
+    raise NonFiniteError(f"Round {round_index + 1}: non-finite loss or update from client(s) "
+                         f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
+                         f"Lower config.optim.lr or check the data.")
+  weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
+  server, new_extras = exp.aggregate(state.server, out.trainable, weights, extras)
+  if not bool(client.all_finite(server)):
+    raise NonFiniteError(f"Round {round_index + 1}: the aggregated global model is non-finite; "
+                         f"the run stopped and the last good checkpoint is kept.")
+  state = RunState(round=jnp.asarray(round_index + 1, jnp.int32), server=server,
+                   client_steps=state.client_steps.at[ids].add(config.fl.local_steps),
+                   client_opt=_put(state.client_opt, ids, out.opt_state),
+                   client_extra=_put(state.client_extra, ids, new_extras))
+  losses = np.asarray(out.loss, np.float64)
+  return state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
+                 "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
+                 "clients": ids.tolist()}
+
+
+def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:
+  """Metrics of the global (merged) model on the eval split."""
+  base, lora, head = exp.algorithm.eval_trees(server)
+  predictions, labels, losses = [], [], []
+  for batch in exp.data.eval_batches:
+    valid = batch["valid"]
+    pred, loss = exp.predict(base, lora, head, {k: v for k, v in batch.items() if k != "valid"})
+    predictions.append(np.asarray(pred)[valid])
+    losses.append(np.asarray(loss)[valid])
+    labels.append(batch["labels"][valid])
+  from frlora_jax import metrics
+  result = metrics.classification_metrics(np.concatenate(predictions), np.concatenate(labels), exp.data.num_labels)
+  result["loss"] = float(np.concatenate(losses).mean())
+  return result
+
+
+def is_eval_round(config, round_number: int) -> bool:
+  return round_number % config.eval_every == 0 or round_number == config.fl.rounds
+
+
+def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict]:
+  """Run (or resume) an experiment in `workdir`; returns this invocation's round records."""
+  from frlora_jax import checkpoint, run_log
+  exp = build(config, model)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  state = ckpt.restore_latest(exp.init_state())
+  start = int(state.round)
+  log = run_log.RunLog(workdir, config, resume_from=start)
+  comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head})
+  records, logged = [], state
+  try:
+    with log.progress(start, config.fl.rounds) as progress:
+      for r in range(start, config.fl.rounds):
+        t0 = time.time()
+        state, record = run_round(exp, state, r)
+        if is_eval_round(config, r + 1):
+          record["eval"] = evaluate(exp, state.server)
+        record["seconds"] = round(time.time() - t0, 4)
+        record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
+                                       * len(record["clients"]))
+        log.write(record)
+        logged = state
+        progress.update(record, exp.data.metric)
+        records.append(record)
+        ckpt.maybe_save(state, r + 1, force=(r + 1 == config.fl.rounds))
+  except KeyboardInterrupt:
+    ckpt.save_now(logged, int(logged.round))
+    print(f"Interrupted: saved round {int(logged.round)} in {workdir}; run the same command to resume.",
+          file=sys.stderr)
+    raise SystemExit(130)
+  finally:
+    ckpt.close()
+    log.close()
+  log.finish()
+  return records

@@ -1,0 +1,174 @@
+"""LoRA as its own parameter tree beside the frozen base parameters.
+
+The base tree keeps the model's own paths; the LoRA tree mirrors the paths of
+the targeted modules, each holding {"a": [in, r], "b": [r, out]}. The forward
+pass adds s * (x @ A) @ B to a targeted module's output through
+`flax.linen.intercept_methods`, so no model code is edited and no weight is
+copied per client.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Path = tuple[str, ...]
+
+
+def path_str(path: Path) -> str:
+  return "/".join(path)
+
+
+def find_targets(params, patterns: Sequence[str], exclude: Sequence[str] = ()) -> dict[Path, tuple[int, int]]:
+  """Module paths whose 2-D `kernel` matches any regex in `patterns`.
+
+  Returns {module path: (in_features, out_features)}, in the tree's order.
+  """
+  targets = {}
+  for key, leaf in traverse_util.flatten_dict(params).items():
+    if key[-1] != "kernel" or np.ndim(leaf) != 2:
+      continue
+    name = path_str(key[:-1])
+    if any(re.search(p, name) for p in exclude):
+      continue
+    if any(re.search(p, name) for p in patterns):
+      targets[key[:-1]] = tuple(int(d) for d in leaf.shape)
+  return targets
+
+
+def lora_entries(lora) -> dict[Path, dict]:
+  """{module path: {"a": A, "b": B}} from a nested LoRA tree."""
+  entries: dict[Path, dict] = {}
+  for key, leaf in traverse_util.flatten_dict(lora).items():
+    entries.setdefault(key[:-1], {})[key[-1]] = leaf
+  return entries
+
+
+def from_entries(entries: dict[Path, dict]):
+  return traverse_util.unflatten_dict(
+      {path + (name,): leaf for path, ab in entries.items() for name, leaf in ab.items()})
+
+
+def get_kernel(params, path: Path):
+  node = params
+  for k in path:
+    node = node[k]
+  return node["kernel"]
+
+
+def replace_kernels(params, kernels: dict[Path, jax.Array]):
+  """A copy of `params` with the kernels at the given module paths replaced."""
+  flat = traverse_util.flatten_dict(params)
+  for path, kernel in kernels.items():
+    flat[path + ("kernel",)] = kernel
+  return traverse_util.unflatten_dict(flat)
+
+
+def init_kaiming(key, targets: dict[Path, tuple[int, int]], rank: int):
+  """PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+  entries = {}
+  for i, (path, (d_in, d_out)) in enumerate(targets.items()):
+    bound = 1.0 / np.sqrt(d_in)
+    a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32, -bound, bound)
+    entries[path] = {"a": a, "b": jnp.zeros((rank, d_out), jnp.float32)}
+  return from_entries(entries)
+
+
+def pissa_factors(kernel: jax.Array, rank: int, scale: float):
+  """Principal factors of a [in, out] kernel: A0 [in, r], B0 [r, out], s*A0@B0 = rank-r SVD."""
+  u, s, vt = jnp.linalg.svd(jnp.asarray(kernel, jnp.float32), full_matrices=False)
+  root = jnp.sqrt(s[:rank] / scale)
+  return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+
+
+def init_pissa(params, targets: dict[Path, tuple[int, int]], rank: int, scale: float):
+  """PiSSA init: LoRA = top-r singular part of W0, base = residual W0 - s*A0@B0.
+
+  Returns (lora, residual_params); the model's output is unchanged.
+  """
+  entries, residual = {}, {}
+  for path in targets:
+    w = get_kernel(params, path)
+    a, b = pissa_factors(w, rank, scale)
+    entries[path] = {"a": a, "b": b}
+    residual[path] = (jnp.asarray(w, jnp.float32) - scale * a @ b).astype(w.dtype)
+  return from_entries(entries), replace_kernels(params, residual)
+
+
+def delta(entry, scale: float):
+  return scale * entry["a"] @ entry["b"]
+
+
+def merge(params, lora, scale: float):
+  """Base params with every LoRA update folded in: W + s*A@B."""
+  kernels = {}
+  for path, entry in lora_entries(lora).items():
+    w = get_kernel(params, path)
+    kernels[path] = (w + delta(entry, scale)).astype(w.dtype)
+  return replace_kernels(params, kernels)
+
+
+def _path_seed(path: Path) -> int:
+  return zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF
+
+
+def interceptor(lora, scale: float, dropout: float = 0.0, rng=None):
+  """A context manager that adds s * (dropout(x) @ A) @ B to targeted modules' outputs.
+
+  Modules are matched by their scope path, which equals their path in the
+  params tree. Dropout is applied to the LoRA branch only (PEFT's lora_dropout),
+  with a key derived from `rng` and the module path.
+  """
+  entries = lora_entries(lora)
+
+  def add_lora(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      return out
+    entry = entries.get(tuple(context.module.scope.path))
+    if entry is None:
+      return out
+    x = args[0]
+    if dropout > 0.0 and rng is not None:
+      keep = jax.random.bernoulli(jax.random.fold_in(rng, _path_seed(tuple(context.module.scope.path))),
+                                  1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
+    a = entry["a"].astype(x.dtype)
+    b = entry["b"].astype(x.dtype)
+    return out + (scale * ((x @ a) @ b)).astype(out.dtype)
+
+  return nn.intercept_methods(add_lora)
+
+
+def check_rank(targets: dict[Path, tuple[int, int]], rank: int) -> None:
+  too_small = [f"{path_str(p)} {shape}" for p, shape in targets.items() if rank > min(shape)]
+  if too_small:
+    raise ValueError(
+        f"config.lora.rank={rank} is larger than the smaller dimension of LoRA targets: "
+        f"{', '.join(too_small[:3])}. Set config.lora.rank <= {min(min(s) for s in targets.values())}.")
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def split_tree(params, patterns: Iterable[str]):
+  """Split a nested dict into (rest, matched) by regex on leaf paths."""
+  patterns = list(patterns)
+  rest, matched = {}, {}
+  for key, leaf in traverse_util.flatten_dict(params).items():
+    (matched if any(re.search(p, path_str(key)) for p in patterns) else rest)[key] = leaf
+  return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(matched)
+
+
+def join_trees(*trees):
+  flat = {}
+  for tree in trees:
+    flat.update(traverse_util.flatten_dict(tree))
+  return traverse_util.unflatten_dict(flat)

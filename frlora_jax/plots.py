@@ -1,0 +1,47 @@
+"""Curves: one run's loss and eval metrics, and algorithm comparisons shaded over seeds."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def run_curves(records: list[dict], path: str) -> None:
+  """Training loss and every eval metric of one run against the round."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+  left.plot([r["round"] for r in records], [r["train_loss"] for r in records])
+  left.set(xlabel="round", ylabel="train loss")
+  evals = [r for r in records if "eval" in r]
+  for name in evals[0]["eval"]:
+    if name != "loss":
+      right.plot([r["round"] for r in evals], [r["eval"][name] for r in evals], label=name)
+  right.set(xlabel="round", ylabel="eval")
+  right.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def comparison_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], metric: str, title: str,
+                      path: str) -> None:
+  """curves: algorithm -> [(rounds, values) per seed]; mean line, shaded min..max over seeds."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, runs in curves.items():
+    rounds = runs[0][0]
+    values = np.stack([v for _, v in runs])
+    ax.plot(rounds, values.mean(0), label=name)
+    if len(runs) > 1:
+      ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2)
+  ax.set(xlabel="round", ylabel=f"eval {metric}", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

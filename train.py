@@ -1,0 +1,28 @@
+"""Federated LoRA fine-tuning: python train.py --config configs/qnli.py --workdir runs/qnli
+
+Override any field with --config.<field>=<value>, e.g. --config.fl.rounds=20.
+Re-running the same command on the same workdir resumes from the last checkpoint.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from frlora_jax import experiment
+  records = experiment.run(_CONFIG.value, _WORKDIR.value)
+  evals = [r for r in records if "eval" in r]
+  if evals:
+    metric = _CONFIG.value.data.metric
+    best = max(r["eval"][metric] for r in evals)
+    print(f"done: {len(records)} rounds this run; final eval {metric} {evals[-1]['eval'][metric]:.4f}, "
+          f"best {best:.4f}; outputs in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
