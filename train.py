@@ -3,7 +3,7 @@
 Override any field with --config.<field>=<value>, e.g. --config.fl.rounds=20.
 Re-running the same command on the same workdir resumes from the last checkpoint.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).",
@@ -14,8 +14,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress output
+  import transformers
+  transformers.logging.set_verbosity_error()
   from frlora_jax import experiment
-  records = experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    records = experiment.run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, experiment.NonFiniteError) as e:
+    raise SystemExit(f"error: {e}") from None
   evals = [r for r in records if "eval" in r]
   if evals:
     metric = _CONFIG.value.data.metric

@@ -199,8 +199,17 @@ def communication_bytes(algorithm: Algorithm, trainable) -> dict[str, int]:
   return {"upload_per_client": size(algorithm.uploads), "download_per_client": size(algorithm.downloads)}
 
 
-def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
-  """One federated round; returns the new state and its training record."""
+@dataclasses.dataclass
+class LocalUpdates:
+  """What the round's clients sent back, before aggregation."""
+  ids: np.ndarray                # client ids, sorted
+  output: client.ClientOutput    # stacked over `ids`
+  weights: jax.Array             # aggregation weights p_k, summing to 1
+  extras: Any                    # the clients' algorithm states going in
+
+
+def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUpdates:
+  """Client phase of a round: sample, start every client from the server, train locally."""
   config = exp.config
   ids = sample_clients(config, exp.num_clients, round_index)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), round_index)
@@ -218,12 +227,19 @@ def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunSt
                          f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
                          f"Lower config.optim.lr or check the data.")
   weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
-  server, new_extras = exp.aggregate(state.server, out.trainable, weights, extras)
+  return LocalUpdates(ids, out, weights, extras)
+
+
+def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
+  """One federated round; returns the new state and its training record."""
+  updates = local_updates(exp, state, round_index)
+  ids, out = updates.ids, updates.output
+  server, new_extras = exp.aggregate(state.server, out.trainable, updates.weights, updates.extras)
   if not bool(client.all_finite(server)):
     raise NonFiniteError(f"Round {round_index + 1}: the aggregated global model is non-finite; "
                          f"the run stopped and the last good checkpoint is kept.")
   state = RunState(round=jnp.asarray(round_index + 1, jnp.int32), server=server,
-                   client_steps=state.client_steps.at[ids].add(config.fl.local_steps),
+                   client_steps=state.client_steps.at[ids].add(exp.config.fl.local_steps),
                    client_opt=_put(state.client_opt, ids, out.opt_state),
                    client_extra=_put(state.client_extra, ids, new_extras))
   losses = np.asarray(out.loss, np.float64)
@@ -255,9 +271,10 @@ def is_eval_round(config, round_number: int) -> bool:
 def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict]:
   """Run (or resume) an experiment in `workdir`; returns this invocation's round records."""
   from frlora_jax import checkpoint, run_log
-  exp = build(config, model)
+  config_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
+  exp = build(config, model)
   state = ckpt.restore_latest(exp.init_state())
   start = int(state.round)
   log = run_log.RunLog(workdir, config, resume_from=start)

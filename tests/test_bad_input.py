@@ -1,0 +1,54 @@
+"""Every user-caused error stops before training, naming the field and the fix."""
+import json
+
+import pytest
+
+from conftest import sentiment_rows, write_csv
+from frlora_jax import experiment
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fl.algorithm": "fedsgd"}, r"config.fl.algorithm='fedsgd' is unknown; use one of .*frlora"),
+    ({"fl.executor": "pmap"}, r"config.fl.executor='pmap' is unknown"),
+    ({"fl.partition": "shards"}, r"config.fl.partition='shards' is unknown"),
+    ({"data.task": "mnli"}, r"config.data.task='mnli' is unknown"),
+    ({"fl.dirichlet_beta": 0.0}, r"config.fl.dirichlet_beta=0.0 must be > 0"),
+    ({"fl.dirichlet_beta": -1.0}, r"config.fl.dirichlet_beta=-1.0 must be > 0"),
+    ({"lora.rank": 64}, r"config.lora.rank=64 is larger than the smaller dimension of LoRA targets"),
+    ({"fl.num_clients": 1000}, r"config.fl.num_clients=1000 exceeds the \d+ training examples"),
+    ({"data.text_fields": ("sentence",)}, r"config.data.text_fields: column 'sentence' is not in"),
+    ({"data.label_field": "target"}, r"config.data.label_field: column 'target' is not in"),
+    ({"data.num_labels": 1}, r"outside the task's range \[0, 0\]"),
+    ({"lora.targets": ("nothing_here",)}, r"config.lora.targets=\('nothing_here',\) match no 2-D kernel"),
+    ({"fl.aggregation": "median"}, r"config.fl.aggregation='median' is unknown"),
+    ({"lora.dropout": 1.5}, r"config.lora.dropout=1.5 must be in"),
+])
+def test_bad_config_is_refused_with_the_field(make_config, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    experiment.build(make_config(**overrides))
+
+
+def test_string_labels_outside_label_names(make_config, tmp_path):
+  rows = [{"text": r["text"], "label": ["neg", "pos", "meh"][i % 3]} for i, r in enumerate(sentiment_rows(30))]
+  path = write_csv(tmp_path / "three.csv", rows)
+  with pytest.raises(ValueError, match=r"labels \['meh'\] .* are not in config.data.label_names"):
+    experiment.build(make_config(**{"data.path": path, "data.label_names": ("neg", "pos")}))
+
+
+def test_empty_data_file(make_config, tmp_path):
+  path = tmp_path / "empty.csv"
+  path.write_text("text,label\n")
+  with pytest.raises(ValueError, match="holds no examples"):
+    experiment.build(make_config(**{"data.path": str(path)}))
+
+
+def test_missing_data_file(make_config, tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.data.path=.* does not exist"):
+    experiment.build(make_config(**{"data.path": str(tmp_path / "nope.csv")}))
+
+
+def test_bad_jsonl_line(make_config, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"text": "good film", "label": 1}) + "\n{not json\n")
+  with pytest.raises(ValueError, match="line 2 is not JSON"):
+    experiment.build(make_config(**{"data.source": "jsonl", "data.path": str(path)}))
