@@ -62,15 +62,10 @@ def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def load_tokenizer(name: str):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(models.resolve_model_dir(name))
-
-
 def build(config, model: Optional[models.Model] = None) -> Experiment:
   """Check the config, load data and model, and compile nothing yet."""
   config_checks.check(config)
-  tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else load_tokenizer(config.model.name)
+  tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(config.model.name)
   data = data_lib.build(config, tokenizer)
   if model is None:
     model = models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))

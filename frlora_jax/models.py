@@ -45,9 +45,14 @@ def resolve_model_dir(name: str) -> str:
   return name
 
 
+def load_tokenizer(name: str):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(resolve_model_dir(name))
+
+
 def load_classifier(name: str, num_labels: int, dtype=jnp.float32) -> Model:
   """A sequence classifier with a fresh `num_labels` head, and its tokenizer."""
-  from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
+  from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
   source = resolve_model_dir(name)
   hf_config = AutoConfig.from_pretrained(source, num_labels=num_labels)
   family = hf_config.model_type
@@ -55,7 +60,7 @@ def load_classifier(name: str, num_labels: int, dtype=jnp.float32) -> Model:
     raise ValueError(f"config.model.name={name!r} is a {family!r} model; sequence classification "
                      f"supports {ENCODER_FAMILIES}. Pick an encoder checkpoint.")
   model = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=hf_config, dtype=dtype)
-  tokenizer = AutoTokenizer.from_pretrained(source)
+  tokenizer = load_tokenizer(source)
   params = jax.tree_util.tree_map(jnp.asarray, model.params)
   return Model(model.module, params, family, hf_config, tokenizer, source)
 

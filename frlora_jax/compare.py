@@ -1,0 +1,121 @@
+"""Run several algorithms over several seeds on one config and tabulate them like the paper.
+
+  python -m frlora_jax.compare --config configs/demo.py --algorithms frlora,fedavg,ffa_lora \
+      --seeds 0,1,2 --workdir runs/cmp [--config.fl.rounds=10] [--target 0.75]
+
+Each (algorithm, seed) runs in its own workdir (`<workdir>/<algorithm>/seed<k>`), so an
+interrupted comparison resumes where it stopped. Writes results.md, results.csv and
+curves.png into --workdir.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
+_ALGORITHMS = flags.DEFINE_string("algorithms", "frlora,fedavg,ffa_lora", "Comma-separated names, or 'all'.")
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and results go.")
+_TARGET = flags.DEFINE_float("target", None, "Eval metric to reach; default 95% of the best mean final value.")
+
+
+def parse_algorithms(text: str) -> list[str]:
+  from frlora_jax import algorithms
+  names = list(algorithms.names()) if text.strip() == "all" else [a.strip() for a in text.split(",") if a.strip()]
+  for name in names:
+    if name not in algorithms.names():
+      raise ValueError(f"--algorithms: {name!r} is unknown; use names from {', '.join(algorithms.names())} or 'all'.")
+  return names
+
+
+def eval_curve(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+  evals = [r for r in records if "eval" in r]
+  return np.array([r["round"] for r in evals]), np.array([r["eval"][metric] for r in evals], np.float64)
+
+
+def rounds_to_reach(rounds: np.ndarray, values: np.ndarray, target: float) -> float:
+  hit = np.flatnonzero(values >= target)
+  return float(rounds[hit[0]]) if len(hit) else math.nan
+
+
+def summarise(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], target: float | None):
+  """Rows of mean/std of final and best metric, and rounds to reach the target, per algorithm."""
+  if target is None:
+    target = 0.95 * max(np.mean([v[-1] for _, v in runs]) for runs in curves.values())
+  rows = []
+  for name, runs in curves.items():
+    final = np.array([v[-1] for _, v in runs])
+    best = np.array([v.max() for _, v in runs])
+    reach = np.array([rounds_to_reach(r, v, target) for r, v in runs])
+    rows.append({
+        "algorithm": name, "seeds": len(runs),
+        "final_mean": final.mean(), "final_std": final.std(),
+        "best_mean": best.mean(), "best_std": best.std(),
+        "rounds_to_target_mean": float(np.nanmean(reach)) if np.isfinite(reach).any() else math.nan,
+        "seeds_reaching_target": int(np.isfinite(reach).sum()),
+    })
+  return rows, target
+
+
+def write_results(rows: list[dict], target: float, metric: str, title: str, folder: str) -> None:
+  with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"### {title}", "",
+           f"| algorithm | final {metric} | best {metric} | rounds to {metric} >= {target:.3f} |",
+           "|---|---|---|---|"]
+  for r in rows:
+    reach = (f"{r['rounds_to_target_mean']:.1f} ({r['seeds_reaching_target']}/{r['seeds']} seeds)"
+             if r["seeds_reaching_target"] else f"not reached (0/{r['seeds']})")
+    lines.append(f"| {r['algorithm']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
+                 f"{r['best_mean']:.4f} ± {r['best_std']:.4f} | {reach} |")
+  with open(os.path.join(folder, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n\nmean ± std over seeds.\n")
+
+
+def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, target: float | None = None):
+  """Run every (algorithm, seed) and write the summary; returns the summary rows."""
+  from frlora_jax import experiment, plots, run_log
+  curves = {}
+  for name in algorithm_names:
+    curves[name] = []
+    for seed in seeds:
+      run_config = config.copy_and_resolve_references()
+      run_config.fl.algorithm, run_config.seed = name, seed
+      run_dir = os.path.join(workdir, name, f"seed{seed}")
+      print(f"== {name} seed {seed} -> {run_dir}", flush=True)
+      experiment.run(run_config, run_dir)
+      curves[name].append(eval_curve(run_log.read_metrics(os.path.join(run_dir, "metrics.jsonl")),
+                                     config.data.metric))
+  rows, target = summarise(curves, target)
+  title = (f"{config.data.task} | {config.model.name} | {config.fl.num_clients} clients, "
+           f"{config.fl.partition}" + (f"({config.fl.dirichlet_beta})" if config.fl.partition == "dirichlet" else "")
+           + f", {config.fl.rounds} rounds x {config.fl.local_steps} local steps, seeds {seeds}")
+  write_results(rows, target, config.data.metric, title, workdir)
+  plots.comparison_curves(curves, config.data.metric, f"{config.data.task}: {config.fl.partition}",
+                          os.path.join(workdir, "curves.png"))
+  return rows
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import transformers
+  transformers.logging.set_verbosity_error()
+  if not _WORKDIR.value or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required.")
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
+  rows = compare(_CONFIG.value, parse_algorithms(_ALGORITHMS.value), seeds, _WORKDIR.value, _TARGET.value)
+  print(open(os.path.join(_WORKDIR.value, "results.md")).read())
+  return rows
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,128 @@
+"""Export a run's global model: a merged HF Flax model dir, and a PEFT-style LoRA adapter.
+
+  python -m frlora_jax.export --workdir runs/demo --out exported/demo
+
+- `<out>/merged/`: `save_pretrained` of the merged model plus its tokenizer; loads back
+  with `FlaxAutoModelForSequenceClassification.from_pretrained` and gives the run's logits.
+  This is the exact export for every algorithm.
+- `<out>/adapter/`: `adapter_config.json` + `adapter_model.safetensors` in PEFT's PyTorch
+  layout (lora_A [r, in], lora_B [out, r], head under modules_to_save). Its update is the
+  rank-r truncated SVD of (global weight - pre-trained weight) for each target. For
+  FedAvg/FFA-LoRA that update has rank <= r and the adapter is exact; FRLoRA accumulates
+  one rank-r update per round, so its update is full-rank in general and the adapter is
+  an approximation: `export_report.json` gives its relative error per target. Use the
+  merged model when that error matters.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from frlora_jax import checkpoint, lora as lora_lib, models
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (with checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def torch_name(path: tuple) -> str:
+  return ".".join(path)
+
+
+def low_rank_factors(delta: np.ndarray, rank: int, scale: float):
+  """A [in, r], B [r, out] with scale * A @ B the best rank-r approximation of delta."""
+  u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+  root = np.sqrt(s[:rank] / scale)
+  return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def export(workdir: str, out: str, step: int | None = None) -> dict:
+  import safetensors.numpy
+  from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
+  base, lora_tree, head, config = checkpoint.restore_parts(workdir, step)
+  scale = config.lora.alpha / config.lora.rank
+  merged = lora_lib.join_trees(lora_lib.merge(base, lora_tree, scale), head)
+  source = models.resolve_model_dir(config.model.name)
+  num_labels = int(np.shape(merged["classifier"].get("kernel", merged["classifier"].get("out_proj", {}).get("kernel")))[-1])
+  hf_config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+  label_names = list(config.data.label_names) or [str(i) for i in range(num_labels)]
+  hf_config.id2label = dict(enumerate(label_names))
+  hf_config.label2id = {name: i for i, name in enumerate(label_names)}
+  pretrained = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=hf_config)
+
+  merged_dir = os.path.join(out, "merged")
+  pretrained.params = jax_to_numpy(merged)
+  pretrained.save_pretrained(merged_dir)
+  models.load_tokenizer(config.model.name).save_pretrained(merged_dir)
+
+  tensors, report = {}, {}
+  rank = config.lora.rank
+  for path in lora_lib.lora_entries(lora_tree):
+    w0 = np.asarray(lora_lib.get_kernel(pretrained_params(source, num_labels), path), np.float64)
+    delta = np.asarray(lora_lib.get_kernel(merged, path), np.float64) - w0
+    a, b = low_rank_factors(delta, rank, scale)
+    name = f"base_model.model.{torch_name(path)}"
+    # PyTorch Linear layout: lora_A [r, in], lora_B [out, r]. safetensors writes the raw
+    # buffer, so transposed views must be made contiguous first.
+    tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T, np.float32)
+    tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
+    error = np.linalg.norm(delta - scale * a @ b) / max(np.linalg.norm(delta), 1e-30)
+    report[lora_lib.path_str(path)] = {"relative_error": float(error),
+                                       "delta_rank": int(np.linalg.matrix_rank(delta.astype(np.float32)))}
+  for key, leaf in _flat(head).items():
+    torch_key = torch_name(key[:-1]) + (".weight" if key[-1] == "kernel" else ".bias")
+    value = np.asarray(leaf, np.float32)
+    tensors[f"base_model.model.{torch_key}"] = np.ascontiguousarray(value.T if key[-1] == "kernel" else value)
+  adapter_dir = os.path.join(out, "adapter")
+  os.makedirs(adapter_dir, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(adapter_dir, "adapter_model.safetensors"))
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "SEQ_CLS", "r": rank, "lora_alpha": config.lora.alpha,
+      "lora_dropout": config.lora.dropout, "target_modules": sorted({p[-1] for p in lora_lib.lora_entries(lora_tree)}),
+      "base_model_name_or_path": config.model.name, "modules_to_save": sorted({k[0] for k in _flat(head)}),
+      "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+  }
+  with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+    json.dump(adapter_config, f, indent=2)
+  summary = {"algorithm": config.fl.algorithm, "merged": merged_dir, "adapter": adapter_dir,
+             "adapter_max_relative_error": max(r["relative_error"] for r in report.values()), "targets": report}
+  with open(os.path.join(out, "export_report.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+_PRETRAINED = {}
+
+
+def pretrained_params(source: str, num_labels: int):
+  """The pre-trained weights (cached per process) that the adapter is relative to."""
+  if source not in _PRETRAINED:
+    from transformers import FlaxAutoModelForSequenceClassification
+    _PRETRAINED[source] = FlaxAutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels).params
+  return _PRETRAINED[source]
+
+
+def _flat(tree):
+  from flax import traverse_util
+  return traverse_util.flatten_dict(tree)
+
+
+def jax_to_numpy(tree):
+  import jax
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError("--workdir and --out are required.")
+  summary = export(_WORKDIR.value, _OUT.value, _STEP.value)
+  print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
