@@ -47,11 +47,13 @@ class Experiment:
   client_matrix: np.ndarray
   client_counts: np.ndarray
   executor: Callable
-  prepare: Callable
+  begin_round: Callable         # jitted: (state, ids, round) -> ClientInput
+  end_round: Callable           # jitted: (state, output, ids, weights, extras) -> (state, finite)
   aggregate: Callable
   predict: Callable
   tx: Any
   init_state: Callable[[], RunState]
+  local_update_for: Callable[[int], Callable]  # local_steps -> local_update (for FLOP counts)
 
   @property
   def num_clients(self) -> int:
@@ -62,11 +64,13 @@ def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build(config, model: Optional[models.Model] = None) -> Experiment:
-  """Check the config, load data and model, and compile nothing yet."""
+def build(config, model: Optional[models.Model] = None,
+          data: Optional[data_lib.FederatedData] = None) -> Experiment:
+  """Check the config, load data and model (unless given), and compile nothing yet."""
   config_checks.check(config)
-  tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(config.model.name)
-  data = data_lib.build(config, tokenizer)
+  if data is None:
+    tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(config.model.name)
+    data = data_lib.build(config, tokenizer)
   if model is None:
     model = models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))
   fl, lo, op = config.fl, config.lora, config.optim
@@ -93,11 +97,13 @@ def build(config, model: Optional[models.Model] = None) -> Experiment:
   trainable0 = {"lora": lora0, "head": head}
   tx = optim.adamw_direction(op.b1, op.b2, op.eps, op.weight_decay)
   rates = optim.learning_rates(trainable0, op.lr, op.head_lr or op.lr, freeze_a)
-  local_update = client.make_local_update(
-      apply_fn, tx=tx, rates=rates, local_steps=fl.local_steps, batch_size=op.batch_size,
-      lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
-      regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction)
-  executor = client.make_executor(fl.executor, local_update, fl.clients_per_chunk)
+  def local_update_for(local_steps: int):
+    return client.make_local_update(
+        apply_fn, tx=tx, rates=rates, local_steps=local_steps, batch_size=op.batch_size,
+        lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
+        regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction)
+
+  executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk)
   matrix, counts = data_lib.partition.pack(data.client_indices)
   k = len(counts)
 
@@ -109,12 +115,41 @@ def build(config, model: Optional[models.Model] = None) -> Experiment:
         client_opt=stacked(tx.init(trainable0)) if fl.keep_optimizer_state else None,
         client_extra=None if extra is None else stacked(extra))
 
-  def prepare(server, extras, n: int):
-    """Each of the round's n clients' starting trainable tree."""
+  matrix_on_device, counts_on_device = jnp.asarray(matrix), jnp.asarray(counts)
+
+  def begin_round(state: RunState, ids, round_index, total_rounds):
+    """The round's ClientInputs: per-client keys (by client id), starts, schedule positions."""
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), round_index)
+    extras = _take(state.client_extra, ids)
     if extras is None:
-      start = algorithm.client_start(server, None)
-      return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), start)
-    return jax.vmap(algorithm.client_start, in_axes=(None, 0))(server, extras)
+      start = algorithm.client_start(state.server, None)
+      starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), start)
+    else:
+      starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, extras)
+    # Fresh AdamW each round (paper): the schedule spans rounds*local_steps and round r starts
+    # at r*local_steps. Kept AdamW (published code): each client's own step count. Schedule
+    # length `loader` is ceil(n_k / batch) * rounds, as in the published code.
+    if fl.keep_optimizer_state:
+      step0 = state.client_steps[ids]
+    else:
+      step0 = jnp.full(ids.shape, round_index * fl.local_steps, jnp.int32)
+    if fl.schedule_steps == "loader":
+      total = (-(-counts_on_device[ids] // op.batch_size)) * total_rounds
+    else:
+      total = jnp.full(ids.shape, total_rounds * fl.local_steps, jnp.int32)
+    return client.ClientInput(
+        start=starts, indices=matrix_on_device[ids], count=counts_on_device[ids],
+        rng=jax.vmap(lambda i: jax.random.fold_in(key, i))(ids), step0=step0.astype(jnp.int32),
+        total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), extra=extras)
+
+  def end_round(state: RunState, out: client.ClientOutput, ids, weights, extras):
+    """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
+    server, new_extras = algorithm.aggregate(state.server, out.trainable, weights, extras)
+    new_state = RunState(round=state.round + 1, server=server,
+                         client_steps=state.client_steps.at[ids].add(fl.local_steps),
+                         client_opt=_put(state.client_opt, ids, out.opt_state),
+                         client_extra=_put(state.client_extra, ids, new_extras))
+    return new_state, client.all_finite(server)
 
   def predict(base, lora, head, batch):
     """Predictions and per-example losses of the global model on one eval batch."""
@@ -126,8 +161,9 @@ def build(config, model: Optional[models.Model] = None) -> Experiment:
 
   exp = Experiment(config=config, data=data, model=model, algorithm=algorithm, lora_scale=scale, freeze_a=freeze_a,
                    train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
-                   client_counts=counts, executor=executor, prepare=jax.jit(prepare, static_argnums=2),
-                   aggregate=jax.jit(algorithm.aggregate), predict=jax.jit(predict), tx=tx, init_state=init_state)
+                   client_counts=counts, executor=executor, begin_round=jax.jit(begin_round), end_round=jax.jit(end_round),
+                   aggregate=jax.jit(algorithm.aggregate), predict=jax.jit(predict), tx=tx, init_state=init_state,
+                   local_update_for=local_update_for)
   return exp
 
 
@@ -149,25 +185,6 @@ def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
   counts = np.asarray(counts, np.float64)
   w = counts / counts.sum() if weighting == "data_size" else np.full(len(counts), 1.0 / len(counts))
   return w.astype(np.float32)
-
-
-def schedule_position(config, state: RunState, ids: np.ndarray, counts: np.ndarray, round_index: int):
-  """(step0, total_steps) per client for the LR schedule.
-
-  Fresh AdamW each round (paper): the schedule runs over rounds*local_steps and the
-  round starts at round*local_steps. Kept AdamW (published code): each client's own
-  step count. Schedule length `loader` is ceil(n_k / batch) * rounds, as there.
-  """
-  fl = config.fl
-  if fl.keep_optimizer_state:
-    step0 = np.asarray(state.client_steps)[ids]
-  else:
-    step0 = np.full(len(ids), round_index * fl.local_steps)
-  if fl.schedule_steps == "loader":
-    total = np.ceil(counts[ids] / config.optim.batch_size).astype(np.int64) * fl.rounds
-  else:
-    total = np.full(len(ids), fl.rounds * fl.local_steps)
-  return jnp.asarray(step0, jnp.int32), jnp.asarray(total, jnp.int32)
 
 
 def _take(tree, ids):
@@ -207,14 +224,8 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
   """Client phase of a round: sample, start every client from the server, train locally."""
   config = exp.config
   ids = sample_clients(config, exp.num_clients, round_index)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), round_index)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids))  # keyed by client id
-  extras = _take(state.client_extra, ids)
-  step0, total = schedule_position(config, state, ids, exp.client_counts, round_index)
-  inputs = client.ClientInput(
-      start=exp.prepare(state.server, extras, len(ids)), indices=jnp.asarray(exp.client_matrix[ids]),
-      count=jnp.asarray(exp.client_counts[ids]), rng=keys, step0=step0, total_steps=total,
-      opt_state=_take(state.client_opt, ids), extra=extras)
+  ids_on_device = jnp.asarray(ids, jnp.int32)
+  inputs = exp.begin_round(state, ids_on_device, jnp.int32(round_index), jnp.int32(config.fl.rounds))
   out = exp.executor({"base": state.server.base, "data": exp.train_on_device}, inputs)
   finite = np.asarray(out.finite)
   if not finite.all():
@@ -222,25 +233,21 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
                          f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
                          f"Lower config.optim.lr or check the data.")
   weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
-  return LocalUpdates(ids, out, weights, extras)
+  return LocalUpdates(ids, out, weights, inputs.extra)
 
 
 def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
   """One federated round; returns the new state and its training record."""
   updates = local_updates(exp, state, round_index)
   ids, out = updates.ids, updates.output
-  server, new_extras = exp.aggregate(state.server, out.trainable, updates.weights, updates.extras)
-  if not bool(client.all_finite(server)):
+  new_state, finite = exp.end_round(state, out, jnp.asarray(ids, jnp.int32), updates.weights, updates.extras)
+  if not bool(finite):
     raise NonFiniteError(f"Round {round_index + 1}: the aggregated global model is non-finite; "
                          f"the run stopped and the last good checkpoint is kept.")
-  state = RunState(round=jnp.asarray(round_index + 1, jnp.int32), server=server,
-                   client_steps=state.client_steps.at[ids].add(exp.config.fl.local_steps),
-                   client_opt=_put(state.client_opt, ids, out.opt_state),
-                   client_extra=_put(state.client_extra, ids, new_extras))
   losses = np.asarray(out.loss, np.float64)
-  return state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
-                 "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
-                 "clients": ids.tolist()}
+  return new_state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
+                     "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
+                     "clients": ids.tolist()}
 
 
 def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""Time steady-state federated rounds of the real frlora_jax code path; print one JSON line.
+
+  python benchmarks/round_time.py --arch bert --hidden 384 --layers 6 --heads 12 --vocab 30522 \
+      --seq 128 --bs 16 --clients 5 --steps 10 --rounds 3 --rank 16 --executor auto --dtype float32
+
+A random-init model of the given shape and synthetic tokens go through
+experiment.build / run_round exactly as a real run does (FRLoRA, PiSSA init,
+dropout on). `mfu` is the achieved FLOP/s of the client steps (XLA's own
+count for one local step, times clients x steps, over the median round time)
+divided by the FLOP/s of a large dense matmul measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", choices=["bert", "roberta"], default="bert")
+  p.add_argument("--hidden", type=int, default=384)
+  p.add_argument("--layers", type=int, default=6)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--vocab", type=int, default=30522)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--bs", type=int, default=16)
+  p.add_argument("--clients", type=int, default=5)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=3, help="timed rounds after the first (compiling) one")
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--executor", choices=["auto", "vmap", "map", "loop"], default="auto")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--algorithm", default="frlora")
+  return p.parse_args(argv)
+
+
+def synthetic_data(args, seed=0):
+  from frlora_jax.data import FederatedData, partition
+  rng = np.random.default_rng(seed)
+  n = args.clients * args.bs * 8
+  ids = rng.integers(5, args.vocab, size=(n, args.seq), dtype=np.int32)
+  train = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+           "labels": rng.integers(0, 2, size=n).astype(np.int32)}
+  return FederatedData(train=train, client_indices=partition.iid(n, args.clients, seed), client_names=[],
+                       eval_batches=[], num_labels=2, label_names=(), metric="accuracy")
+
+
+def benchmark_config(args):
+  import default
+  c = default.get_config()
+  c.model.name, c.model.dtype = f"random:{args.arch}", args.dtype
+  c.data.path, c.data.max_length = "synthetic", args.seq
+  c.fl.algorithm, c.fl.num_clients, c.fl.local_steps = args.algorithm, args.clients, args.steps
+  c.fl.rounds, c.fl.executor, c.fl.partition = args.rounds + 1, args.executor, "iid"
+  c.lora.rank, c.lora.alpha = args.rank, 2.0 * args.rank
+  c.optim.batch_size = args.bs
+  return c
+
+
+def matmul_flops_per_s(dtype, n=4096, repeats=5) -> float:
+  """Sustained FLOP/s of one large dense matmul on the default device."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
+  best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+  return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def step_flops(exp, state) -> float:
+  """XLA's FLOP count for one client's single local step (forward, backward, AdamW)."""
+  from frlora_jax import client
+  one_step = exp.local_update_for(1)
+  start = exp.algorithm.client_start(state.server, None)
+  inputs = client.ClientInput(start=start, indices=jnp.asarray(exp.client_matrix[0]),
+                              count=jnp.asarray(exp.client_counts[0]), rng=jax.random.PRNGKey(0),
+                              step0=jnp.int32(0), total_steps=jnp.int32(10))
+  compiled = jax.jit(one_step).lower({"base": state.server.base, "data": exp.train_on_device}, inputs).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"])
+
+
+def run(args) -> dict:
+  from frlora_jax import client, compile_count, experiment, models
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  model = models.random_classifier(args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                   vocab=args.vocab, num_labels=2, max_positions=args.seq + 2, dtype=dtype)
+  exp = experiment.build(benchmark_config(args), model=model, data=synthetic_data(args))
+  state = exp.init_state()
+  t0 = time.perf_counter()
+  state, _ = experiment.run_round(exp, state, 0)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t0
+  times = []
+  with compile_count.counting() as compiles:
+    for r in range(1, args.rounds + 1):
+      t0 = time.perf_counter()
+      state, _ = experiment.run_round(exp, state, r)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t0)
+  round_s = float(np.median(times))
+  flops = step_flops(exp, state) * args.clients * args.steps
+  peak = matmul_flops_per_s(dtype)
+  device = jax.devices()[0]
+  return {
+      "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
+      "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
+      "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,
+      "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
+      "round_s_median": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
+      "compile_s": round(first - round_s, 3), "compiles_after_first_round": compiles(),
+      "client_steps_per_s": round(args.clients * args.steps / round_s, 3),
+      "tokens_per_s": round(args.clients * args.steps * args.bs * args.seq / round_s, 1),
+      "round_gflop": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / round_s / 1e9, 2),
+      "matmul_gflop_per_s": round(peak / 1e9, 2), "mfu": round(flops / round_s / peak, 3),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
+if __name__ == "__main__":
+  print(json.dumps(run(parse_args())))
