@@ -44,9 +44,17 @@ def get_config():
   c.fl.natural_field = ""
   c.fl.executor = "auto"          # auto | vmap | map | loop
   c.fl.clients_per_chunk = 0      # vmap at most this many clients at once (0: all)
+  c.fl.shard_clients = "auto"     # auto (when >1 device) | on | off: split clients over local devices
   c.fl.aggregation = "factors"    # FRLoRA: factors | product
   c.fl.weighting = "data_size"    # data_size | uniform
   c.fl.keep_optimizer_state = False  # the published code keeps each client's AdamW across rounds
+  c.fl.prox_mu = 0.01            # FedProx
+  c.fl.server_lr = 1e-3           # FedAdagrad / FedYogi / FedAdam server step (eta, REFERENCE.md)
+  c.fl.fedavgm_lr = 1.0           # FedAvgM server step
+  c.fl.server_momentum = 0.9      # FedAvgM
+  c.fl.server_beta1 = 0.9         # FedOpt (Reddi et al.)
+  c.fl.server_beta2 = 0.99
+  c.fl.server_tau = 1e-3
   c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
 
   c.lora = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from frlora_jax import lora as lora_lib
@@ -114,7 +115,34 @@ def _vmapped(fn):
   return jax.vmap(fn, in_axes=(None, 0))
 
 
-def vmap_executor(fn: Callable, clients_per_chunk: int = 0) -> Callable:
+def _pad_clients(clients, multiple: int):
+  """Repeat client 0 so the clients axis is a multiple of `multiple` (outputs are sliced off)."""
+  k = num_clients(clients)
+  pad = (-k) % multiple
+  if not pad:
+    return clients
+  return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), clients)
+
+
+def shard_over_devices(body: Callable, devices=None) -> Callable:
+  """Split the clients axis over devices (a 1-D mesh named 'clients'); `shared` is replicated.
+
+  Each device runs `body` (the vmap or lax.map of the local update) on its own clients,
+  so results equal a single device's and the base weights sit once on every device.
+  """
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("clients",))
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("clients")), out_specs=P("clients"), check_vma=False)
+
+  def run(shared, clients):
+    k = num_clients(clients)
+    out = sharded(shared, _pad_clients(clients, mesh.size))
+    return jax.tree_util.tree_map(lambda x: x[:k], out)
+
+  return run
+
+
+def vmap_body(fn: Callable, clients_per_chunk: int = 0) -> Callable:
   """All clients at once with vmap; at most `clients_per_chunk` at a time if set."""
 
   def run(shared, clients):
@@ -131,12 +159,12 @@ def vmap_executor(fn: Callable, clients_per_chunk: int = 0) -> Callable:
     out = jax.lax.map(lambda c: _vmapped(fn)(shared, c), jax.tree_util.tree_map(to_chunks, clients))
     return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:k], out)
 
-  return jax.jit(run)
+  return run
 
 
-def map_executor(fn: Callable) -> Callable:
+def map_body(fn: Callable) -> Callable:
   """One client after another inside a single compiled lax.map."""
-  return jax.jit(lambda shared, clients: jax.lax.map(lambda c: fn(shared, c), clients))
+  return lambda shared, clients: jax.lax.map(lambda c: fn(shared, c), clients)
 
 
 def loop_executor(fn: Callable) -> Callable:
@@ -157,12 +185,20 @@ def resolve_executor(name: str, backend: str | None = None) -> str:
   return "map" if backend == "cpu" else "vmap"
 
 
-def make_executor(name: str, fn: Callable, clients_per_chunk: int = 0) -> Callable:
+def make_executor(name: str, fn: Callable, clients_per_chunk: int = 0, shard: bool | None = None) -> Callable:
+  """A jitted `run(shared, stacked_clients) -> stacked outputs`.
+
+  shard: split clients over all local devices (default: when there is more than one).
+  """
   name = resolve_executor(name)
-  if name == "vmap":
-    return vmap_executor(fn, clients_per_chunk)
-  if name == "map":
-    return map_executor(fn)
   if name == "loop":
     return loop_executor(fn)
-  raise ValueError(f"config.fl.executor={name!r} is unknown; use one of {EXECUTORS}.")
+  if name == "vmap":
+    body = vmap_body(fn, clients_per_chunk)
+  elif name == "map":
+    body = map_body(fn)
+  else:
+    raise ValueError(f"config.fl.executor={name!r} is unknown; use one of {EXECUTORS}.")
+  if shard if shard is not None else jax.device_count() > 1:
+    body = shard_over_devices(body)
+  return jax.jit(body)

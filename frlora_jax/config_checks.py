@@ -28,6 +28,7 @@ def check(config) -> None:
   _one_of(fl.partition, PARTITIONS, "config.fl.partition")
   _one_of(fl.weighting, WEIGHTINGS, "config.fl.weighting")
   _one_of(fl.schedule_steps, SCHEDULE_STEPS, "config.fl.schedule_steps")
+  _one_of(fl.shard_clients, ("auto", "on", "off"), "config.fl.shard_clients")
   _one_of(d.source, SOURCES, "config.data.source")
   _one_of(d.metric, METRICS, "config.data.metric")
   _one_of(lo.init, LORA_INITS, "config.lora.init")

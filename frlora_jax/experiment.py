@@ -47,7 +47,7 @@ class Experiment:
   client_matrix: np.ndarray
   client_counts: np.ndarray
   executor: Callable
-  begin_round: Callable         # jitted: (state, ids, round) -> ClientInput
+  begin_round: Callable         # jitted: (state, ids, round, rounds) -> (ClientInput, client states)
   end_round: Callable           # jitted: (state, output, ids, weights, extras) -> (state, finite)
   aggregate: Callable
   predict: Callable
@@ -103,7 +103,8 @@ def build(config, model: Optional[models.Model] = None,
         lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
         regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction)
 
-  executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk)
+  executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk,
+                                  shard=None if fl.shard_clients == "auto" else fl.shard_clients == "on")
   matrix, counts = data_lib.partition.pack(data.client_indices)
   k = len(counts)
 
@@ -124,8 +125,10 @@ def build(config, model: Optional[models.Model] = None,
     if extras is None:
       start = algorithm.client_start(state.server, None)
       starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), start)
+      payload = None
     else:
       starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, extras)
+      payload = jax.vmap(algorithm.client_payload, in_axes=(None, 0))(state.server, extras)
     # Fresh AdamW each round (paper): the schedule spans rounds*local_steps and round r starts
     # at r*local_steps. Kept AdamW (published code): each client's own step count. Schedule
     # length `loader` is ceil(n_k / batch) * rounds, as in the published code.
@@ -137,10 +140,11 @@ def build(config, model: Optional[models.Model] = None,
       total = (-(-counts_on_device[ids] // op.batch_size)) * total_rounds
     else:
       total = jnp.full(ids.shape, total_rounds * fl.local_steps, jnp.int32)
-    return client.ClientInput(
+    inputs = client.ClientInput(
         start=starts, indices=matrix_on_device[ids], count=counts_on_device[ids],
         rng=jax.vmap(lambda i: jax.random.fold_in(key, i))(ids), step0=step0.astype(jnp.int32),
-        total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), extra=extras)
+        total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), extra=payload)
+    return inputs, extras
 
   def end_round(state: RunState, out: client.ClientOutput, ids, weights, extras):
     """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
@@ -195,20 +199,22 @@ def _put(tree, ids, values):
   return None if tree is None else jax.tree_util.tree_map(lambda x, v: x.at[ids].set(v), tree, values)
 
 
-def communication_bytes(algorithm: Algorithm, trainable) -> dict[str, int]:
-  """Bytes one client uploads and downloads per round under the algorithm."""
-  def size(parts):
-    total = 0
-    for part in parts:
-      if part == "head":
-        tree = trainable["head"]
-      elif part in ("lora_a", "lora_b"):
-        tree = [e[part[-1]] for e in lora_lib.lora_entries(trainable["lora"]).values()]
-      else:
-        tree = trainable["lora"]
-      total += sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-    return int(total)
-  return {"upload_per_client": size(algorithm.uploads), "download_per_client": size(algorithm.downloads)}
+def communication_bytes(algorithm: Algorithm, trainable, clients_per_round: int) -> dict[str, int]:
+  """Bytes one client uploads and downloads per round under the algorithm.
+
+  Parts: 'lora', 'lora_a', 'lora_b', 'head'; 'control' (SCAFFOLD's control variates,
+  the size of lora + head); 'lora_stacked' (FLoRA: every sampled client's factors).
+  """
+  def nbytes(tree):
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+  entries = lora_lib.lora_entries(trainable["lora"])
+  sizes = {"lora": nbytes(trainable["lora"]), "head": nbytes(trainable["head"]),
+           "lora_a": nbytes([e["a"] for e in entries.values()]), "lora_b": nbytes([e["b"] for e in entries.values()])}
+  sizes["control"] = sizes["lora"] + sizes["head"]
+  sizes["lora_stacked"] = sizes["lora"] * clients_per_round
+  return {"upload_per_client": sum(sizes[p] for p in algorithm.uploads),
+          "download_per_client": sum(sizes[p] for p in algorithm.downloads)}
 
 
 @dataclasses.dataclass
@@ -225,7 +231,7 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
   config = exp.config
   ids = sample_clients(config, exp.num_clients, round_index)
   ids_on_device = jnp.asarray(ids, jnp.int32)
-  inputs = exp.begin_round(state, ids_on_device, jnp.int32(round_index), jnp.int32(config.fl.rounds))
+  inputs, extras = exp.begin_round(state, ids_on_device, jnp.int32(round_index), jnp.int32(config.fl.rounds))
   out = exp.executor({"base": state.server.base, "data": exp.train_on_device}, inputs)
   finite = np.asarray(out.finite)
   if not finite.all():
@@ -233,7 +239,7 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
                          f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
                          f"Lower config.optim.lr or check the data.")
   weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
-  return LocalUpdates(ids, out, weights, inputs.extra)
+  return LocalUpdates(ids, out, weights, extras)
 
 
 def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
@@ -252,7 +258,17 @@ def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunSt
 
 def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:
   """Metrics of the global (merged) model on the eval split."""
-  base, lora, head = exp.algorithm.eval_trees(server)
+  return evaluate_trees(exp, *exp.algorithm.eval_trees(server))
+
+
+def evaluate_personal(exp: Experiment, state: RunState) -> dict[str, float]:
+  """Mean over clients of each client's own model's metrics (personalising algorithms)."""
+  per_client = [evaluate_trees(exp, *exp.algorithm.personal_trees(state.server, _take(state.client_extra, k)))
+                for k in range(exp.num_clients)]
+  return {name: float(np.mean([m[name] for m in per_client])) for name in per_client[0]}
+
+
+def evaluate_trees(exp: Experiment, base, lora, head) -> dict[str, float]:
   predictions, labels, losses = [], [], []
   for batch in exp.data.eval_batches:
     valid = batch["valid"]
@@ -280,7 +296,8 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   state = ckpt.restore_latest(exp.init_state())
   start = int(state.round)
   log = run_log.RunLog(workdir, config, resume_from=start)
-  comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head})
+  comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
+                             config.fl.clients_per_round or exp.num_clients)
   records, logged = [], state
   try:
     with log.progress(start, config.fl.rounds) as progress:
@@ -289,6 +306,8 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
         state, record = run_round(exp, state, r)
         if is_eval_round(config, r + 1):
           record["eval"] = evaluate(exp, state.server)
+          if exp.algorithm.personal_trees is not None:
+            record["eval_personal"] = evaluate_personal(exp, state)
         record["seconds"] = round(time.time() - t0, 4)
         record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
                                        * len(record["clients"]))

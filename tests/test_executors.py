@@ -1,6 +1,7 @@
 """vmap (whole and chunked), lax.map and the Python loop give the same client updates."""
 import jax
 import numpy as np
+import pytest
 
 from frlora_jax import client, experiment
 
@@ -27,3 +28,54 @@ def test_auto_executor_per_backend():
   assert client.resolve_executor("auto", "cpu") == "map"
   assert client.resolve_executor("auto", "gpu") == "vmap"
   assert client.resolve_executor("loop", "gpu") == "loop"
+
+
+def test_rounds_after_the_first_compile_nothing(make_config, tmp_path):
+  from frlora_jax import compile_count
+  for executor, algorithm in (("map", "frlora"), ("vmap", "scaffold"), ("loop", "fedsa_lora")):
+    exp = experiment.build(make_config(**{"fl.executor": executor, "fl.algorithm": algorithm,
+                                          "fl.num_clients": 4, "fl.clients_per_round": 2}))
+    state, _ = experiment.run_round(exp, exp.init_state(), 0)
+    experiment.evaluate(exp, state.server)
+    with compile_count.counting() as compiles:
+      for r in range(1, 4):  # other clients are sampled each round: same shapes, no new programs
+        state, _ = experiment.run_round(exp, state, r)
+        experiment.evaluate(exp, state.server)
+    assert compiles() == 0, f"{executor}/{algorithm}: {compiles()} compilations after round 1"
+
+
+MULTI_DEVICE = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {configs!r})
+import jax, numpy as np, conftest
+from frlora_jax import experiment
+assert jax.device_count() == 4, jax.devices()
+out = {{}}
+for shard in ("on", "off"):
+  for executor in ("map", "vmap"):
+    c = conftest.tiny_config({model!r}, {data!r}, **{{"fl.executor": executor, "fl.shard_clients": shard,
+                                                      "fl.num_clients": 5}})
+    exp = experiment.build(c)
+    state, record = experiment.run_round(exp, exp.init_state(), 0)
+    out[shard + executor] = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.server)]
+    out[shard + executor + "loss"] = record["client_losses"]
+print(json.dumps(out))
+"""
+
+
+def test_clients_sharded_over_four_cpu_devices_match_one(tiny_model_dir, sentiment_csv):
+  import json
+  import os
+  import subprocess
+  import sys
+  from conftest import ROOT
+  script = MULTI_DEVICE.format(tests=os.path.join(ROOT, "tests"), configs=os.path.join(ROOT, "configs"),
+                               model=tiny_model_dir, data=sentiment_csv)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for executor in ("map", "vmap"):
+    assert out[f"on{executor}loss"] == pytest.approx(out[f"off{executor}loss"], rel=1e-5)
+    for sharded, single in zip(out[f"on{executor}"], out[f"off{executor}"]):
+      np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-6)

@@ -32,9 +32,13 @@ class Algorithm(NamedTuple):
   - init(server) -> server: add the algorithm's server-side state.
   - init_client(server) -> pytree: one client's persistent state (None if stateless).
   - client_start(server, client_state) -> trainable {"lora", "head"} to train from.
+  - client_payload(server, client_state) -> what the client's local loss/gradient hooks
+    see as `client_input.extra` (default: its state).
   - aggregate(server, trainables, weights, client_states) -> (server, client_states):
     trainables/client_states are stacked over the round's clients, weights sum to 1.
   - eval_trees(server) -> (base, lora, head): the global model to evaluate.
+  - personal_trees(server, client_state) -> (base, lora, head): a client's own model, for
+    algorithms that personalise (evaluated per client as well), or None.
   - regularizer(trainable, client_input) -> scalar added to the local loss, or None.
   - grad_correction(grads, client_input) -> grads, or None.
   """
@@ -45,7 +49,9 @@ class Algorithm(NamedTuple):
   init: Callable = lambda server: server
   init_client: Callable = lambda server: None
   client_start: Callable = lambda server, client_state: {"lora": server.lora, "head": server.head}
+  client_payload: Callable = lambda server, client_state: client_state
   eval_trees: Callable = lambda server: (server.base, server.lora, server.head)
+  personal_trees: Optional[Callable] = None
   regularizer: Optional[Callable] = None
   grad_correction: Optional[Callable] = None
   # Which parts of the trainable tree a client sends up ('lora', 'lora_b', 'lora_a', 'head'), for accounting.
@@ -57,3 +63,19 @@ def weighted_mean(stacked, weights):
   """sum_k w_k x_k over the leading (clients) axis of every leaf."""
   return jax.tree_util.tree_map(
       lambda x: jnp.tensordot(weights.astype(jnp.float32), x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
+
+
+def global_trainable(server: ServerState):
+  return {"lora": server.lora, "head": server.head}
+
+
+def with_trainable(server: ServerState, trainable) -> ServerState:
+  return server.replace(lora=trainable["lora"], head=trainable["head"])
+
+
+def tree_sub(a, b):
+  return jax.tree_util.tree_map(lambda x, y: x - y, a, b)
+
+
+def tree_zeros_like(tree):
+  return jax.tree_util.tree_map(jnp.zeros_like, tree)

@@ -1,0 +1,165 @@
+"""Each baseline's server rule against a NumPy transcription of its published update."""
+import numpy as np
+import pytest
+
+from frlora_jax import experiment, lora
+from frlora_jax.algorithms.fedprox import proximal_term
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def _leaves(tree):
+  import jax
+  return [_np(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _mean(stacked, w):
+  return [np.einsum("k,k...->...", w, x) for x in _leaves(stacked)]
+
+
+def _rounds(make_config, algorithm, n=2, **overrides):
+  """Run n rounds by hand; return the experiment and, per round, (state_in, updates, state_out)."""
+  exp = experiment.build(make_config(**{"fl.algorithm": algorithm, **overrides}))
+  state, history = exp.init_state(), []
+  for r in range(n):
+    updates = experiment.local_updates(exp, state, r)
+    new_state, _ = exp.end_round(state, updates.output, np.asarray(updates.ids, np.int32), updates.weights,
+                                 updates.extras)
+    history.append((state, updates, new_state))
+    state = new_state
+  return exp, history
+
+
+def _trainable(server):
+  return {"lora": server.lora, "head": server.head}
+
+
+def test_fedprox_term_and_averaging(make_config):
+  exp, [(before, updates, after)] = _rounds(make_config, "fedprox", n=1, **{"fl.prox_mu": 0.5})
+  w = _np(updates.weights)
+  for got, expected in zip(_leaves(_trainable(after.server)), _mean(updates.output.trainable, w)):
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+  y = updates.output.trainable
+  import jax
+  one = jax.tree_util.tree_map(lambda x: x[0], y)
+  expected = 0.25 * sum(np.sum((a - b) ** 2) for a, b in zip(_leaves(one), _leaves(_trainable(before.server))))
+  assert float(proximal_term(one, _trainable(before.server), 0.5)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fedprox_pulls_clients_towards_the_global_model(make_config):
+  drift = {}
+  for name, mu in (("fedavg", 0.0), ("fedprox", 50.0)):
+    _, [(before, updates, _)] = _rounds(make_config, name, n=1, **{"fl.prox_mu": mu, "fl.local_steps": 6})
+    start = _leaves(_trainable(before.server))
+    drift[name] = sum(np.abs(y - s[None]).sum() for y, s in zip(_leaves(updates.output.trainable), start))
+  assert drift["fedprox"] < 0.9 * drift["fedavg"]
+
+
+def test_scaffold_control_variates(make_config):
+  exp, history = _rounds(make_config, "scaffold", n=2, **{"fl.num_clients": 4, "fl.clients_per_round": 2})
+  k_eta = exp.config.fl.local_steps * exp.config.optim.lr
+  for before, updates, after in history:
+    w, ids = _np(updates.weights), updates.ids
+    x, c = _leaves(_trainable(before.server)), _leaves(before.server.extra["c"])
+    c_i = [v[ids] for v in _leaves(before.client_extra["c_i"])]
+    y = _leaves(updates.output.trainable)
+    c_plus = [ci - c_[None] + (x_[None] - y_) / k_eta for ci, c_, x_, y_ in zip(c_i, c, x, y)]
+    expected_c = [c_ + (2 / 4) * np.einsum("k,k...->...", w, cp - ci) for c_, cp, ci in zip(c, c_plus, c_i)]
+    for got, exp_ in zip(_leaves(after.server.extra["c"]), expected_c):
+      np.testing.assert_allclose(got, exp_, rtol=1e-4, atol=1e-5)
+    for got, exp_ in zip(_leaves(after.client_extra["c_i"]), c_plus):
+      np.testing.assert_allclose(got[ids], exp_, rtol=1e-4, atol=1e-5)
+    for got, exp_ in zip(_leaves(_trainable(after.server)), _mean(updates.output.trainable, w)):
+      np.testing.assert_allclose(got, exp_, atol=1e-6)
+  # in round 2 some control variates are non-zero, so the correction is exercised
+  assert max(np.abs(v).max() for v in _leaves(history[1][0].server.extra["c"])) > 0
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadagrad", "fedyogi", "fedadam"])
+def test_server_optimizers(make_config, name):
+  exp, history = _rounds(make_config, name, n=2, **{"fl.server_lr": 0.05})
+  fl = exp.config.fl
+  tau, b1, b2 = fl.server_tau, fl.server_beta1, fl.server_beta2
+  n_leaves = len(_leaves(_trainable(history[0][0].server)))
+  m = [np.zeros_like(x) for x in _leaves(_trainable(history[0][0].server))]
+  v = ([np.zeros_like(x) for x in m] if name == "fedavgm" else [np.full_like(x, tau * tau) for x in m])
+  for before, updates, after in history:
+    x = _leaves(_trainable(before.server))
+    delta = [a - b for a, b in zip(_mean(updates.output.trainable, _np(updates.weights)), x)]
+    if name == "fedavgm":
+      v = [fl.server_momentum * v_ + d for v_, d in zip(v, delta)]
+      expected = [x_ + fl.fedavgm_lr * v_ for x_, v_ in zip(x, v)]
+    else:
+      m = [b1 * m_ + (1 - b1) * d for m_, d in zip(m, delta)]
+      if name == "fedadagrad":
+        v = [v_ + d * d for v_, d in zip(v, delta)]
+      elif name == "fedyogi":
+        v = [v_ - (1 - b2) * d * d * np.sign(v_ - d * d) for v_, d in zip(v, delta)]
+      else:
+        v = [b2 * v_ + (1 - b2) * d * d for v_, d in zip(v, delta)]
+      expected = [x_ + 0.05 * m_ / (np.sqrt(v_) + tau) for x_, m_, v_ in zip(x, m, v)]
+    got = _leaves(_trainable(after.server))
+    assert len(got) == n_leaves
+    for g, e in zip(got, expected):
+      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_flora_merges_the_exact_stacked_sum(make_config):
+  exp, [(before, updates, after)] = _rounds(make_config, "flora", n=1)
+  w, s = _np(updates.weights), exp.lora_scale
+  entries = lora.lora_entries(updates.output.trainable["lora"])
+  for path in entries:
+    a_k, b_k = _np(entries[path]["a"]), _np(entries[path]["b"])
+    expected = _np(lora.get_kernel(before.server.base, path)) + s * sum(w[k] * a_k[k] @ b_k[k] for k in range(len(w)))
+    np.testing.assert_allclose(_np(lora.get_kernel(after.server.base, path)), expected, atol=2e-6)
+    fresh = lora.lora_entries(after.server.lora)[path]
+    assert np.all(_np(fresh["b"]) == 0) and not np.allclose(_np(fresh["a"]), _np(lora.lora_entries(before.server.lora)[path]["a"]))
+
+
+def test_flexlora_svd_of_averaged_updates(make_config):
+  exp, [(before, updates, after)] = _rounds(make_config, "flexlora", n=1)
+  w, s, r = _np(updates.weights), exp.lora_scale, exp.config.lora.rank
+  entries = lora.lora_entries(updates.output.trainable["lora"])
+  for path in entries:
+    a_k, b_k = _np(entries[path]["a"]), _np(entries[path]["b"])
+    average = s * sum(w[k] * a_k[k] @ b_k[k] for k in range(len(w)))
+    u, sv, vt = np.linalg.svd(average)
+    got = lora.lora_entries(after.server.lora)[path]
+    np.testing.assert_allclose(s * _np(got["a"]) @ _np(got["b"]), (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-6)
+    np.testing.assert_array_equal(_np(lora.get_kernel(after.server.base, path)), _np(lora.get_kernel(before.server.base, path)))
+
+
+def test_fedsa_lora_shares_a_and_keeps_b(make_config):
+  exp, history = _rounds(make_config, "fedsa_lora", n=2)
+  before, updates, after = history[1]
+  w, ids = _np(updates.weights), updates.ids
+  entries = lora.lora_entries(updates.output.trainable["lora"])
+  for path, got in lora.lora_entries(after.server.lora).items():
+    np.testing.assert_allclose(_np(got["a"]), np.einsum("k,k...->...", w, _np(entries[path]["a"])), atol=1e-6)
+    kept = _np(lora.lora_entries(after.client_extra["b"])[path]["b"])
+    np.testing.assert_array_equal(kept[ids], _np(entries[path]["b"]))
+  # round 2 started every client from the shared A and its own B of round 1
+  start = history[1][1]
+  previous_b = lora.lora_entries(history[0][2].client_extra["b"])
+  assert any(np.abs(_np(previous_b[p]["b"])[0] - _np(previous_b[p]["b"])[1]).max() > 0 for p in previous_b)
+  personal = experiment.evaluate_personal(exp, after)
+  assert set(personal) >= {"accuracy", "mcc"}
+
+
+@pytest.mark.parametrize("name", ["scaffold", "fedadam", "fedavgm", "flora", "fedsa_lora", "frlora"])
+def test_algorithm_state_survives_resume(make_config, tmp_path, name):
+  """Drop the last checkpoint of a finished run: resuming from the one before must redo
+  the last round exactly (server state, client states and kept optimizers restored)."""
+  import json
+  import shutil
+  config = make_config(**{"fl.rounds": 3, "fl.algorithm": name, "fl.keep_optimizer_state": name == "frlora",
+                          "fl.server_lr": 0.05, "keep_checkpoints": 3})
+  experiment.run(config, str(tmp_path / "run"))
+  full = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "3")
+  redone = experiment.run(config, str(tmp_path / "run"))
+  assert [r["round"] for r in redone] == [3]
+  for key in ("train_loss", "client_losses", "eval"):
+    assert redone[0][key] == full[2][key], key
