@@ -1,11 +1,13 @@
 """Orbax checkpoints of the whole run state, resume, and restore-for-use.
 
-A checkpoint holds `RunState`: residual base, global LoRA and head, the
+A checkpoint holds `RunState` (residual base, global LoRA and head, the
 algorithm's server and client states, kept optimizer states, per-client step
-counts and the round index. RNG keys and client sampling are functions of
-(seed, round), so they need no saving. Orbax writes each step into a
-temporary folder and renames it when complete, so a save cut off mid-write is
-never picked up; saves run asynchronously beside the next round.
+counts, the round index) and the metrics records so far. RNG keys and client
+sampling are functions of (seed, round), so they need no saving. Orbax writes
+each step into a temporary folder and renames it when complete, so a save cut
+off mid-write is never picked up; a complete checkpoint that fails to restore
+(corrupted on disk) is skipped for the one before it. Saves run asynchronously
+beside the next round.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 from typing import Any, Optional
 
 import flax.serialization
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -69,22 +72,30 @@ class Checkpointer:
         check_compatible(json.load(f), config)
     run_log.write_atomic(id_path, json.dumps(identity(config), indent=1, sort_keys=True) + "\n")
 
-  def restore_latest(self, template):
-    """The newest complete checkpoint restored into `template`'s structure, or `template`."""
-    step = self.manager.latest_step()
-    if step is None:
-      return template
-    raw = self.manager.restore(step, args=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)))
-    return flax.serialization.from_state_dict(template, raw)
+  def restore_latest(self, template) -> tuple[Any, list[dict]]:
+    """(state, metrics records) of the newest checkpoint that restores, or (template, [])."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)),
+            metrics=ocp.args.JsonRestore()))
+      except Exception as e:  # corrupted on disk: fall back to the previous checkpoint
+        logging.warning("Checkpoint %d in %s does not restore (%s); trying the one before.", step,
+                        self.directory, str(e).splitlines()[0][:200])
+        continue
+      return flax.serialization.from_state_dict(template, restored.state), list(restored.metrics)
+    return template, []
 
-  def maybe_save(self, state, step: int, force: bool = False) -> None:
+  def maybe_save(self, state, step: int, metrics: list[dict], force: bool = False) -> None:
     if self.every and (step % self.every == 0 or force):
-      self.save_now(state, step)
+      self.save_now(state, step, metrics)
 
-  def save_now(self, state, step: int) -> None:
+  def save_now(self, state, step: int, metrics: list[dict]) -> None:
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        metrics=ocp.args.JsonSave([r for r in metrics if r["round"] <= step])))
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -103,7 +114,8 @@ def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir} has no complete checkpoint; run train.py with --workdir {workdir} first.")
-    return manager.restore(step, args=ocp.args.StandardRestore()), step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored.state, step
   finally:
     manager.close()
 

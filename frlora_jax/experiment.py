@@ -293,9 +293,9 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
   exp = build(config, model)
-  state = ckpt.restore_latest(exp.init_state())
+  state, history = ckpt.restore_latest(exp.init_state())
   start = int(state.round)
-  log = run_log.RunLog(workdir, config, resume_from=start)
+  log = run_log.RunLog(workdir, config, history)
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
                              config.fl.clients_per_round or exp.num_clients)
   records, logged = [], state
@@ -313,11 +313,12 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
                                        * len(record["clients"]))
         log.write(record)
         logged = state
+        history.append(record)
         progress.update(record, exp.data.metric)
         records.append(record)
-        ckpt.maybe_save(state, r + 1, force=(r + 1 == config.fl.rounds))
+        ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
   except KeyboardInterrupt:
-    ckpt.save_now(logged, int(logged.round))
+    ckpt.save_now(logged, int(logged.round), history)
     print(f"Interrupted: saved round {int(logged.round)} in {workdir}; run the same command to resume.",
           file=sys.stderr)
     raise SystemExit(130)

@@ -1,8 +1,8 @@
 """What a run leaves in its workdir: config.json, metrics.jsonl, TensorBoard events, curves.png.
 
 metrics.jsonl is append-only with one JSON object per round. On resume it is
-rewritten (atomically) to the rounds the checkpoint covers, so a resumed run's
-file equals an uninterrupted one's.
+rewritten (atomically) from the records stored in the checkpoint, so a resumed
+run's file equals an uninterrupted one's.
 """
 from __future__ import annotations
 
@@ -69,12 +69,13 @@ class Progress:
 
 
 class RunLog:
-  def __init__(self, workdir: str, config, resume_from: int = 0):
+  def __init__(self, workdir: str, config, history: list[dict]):
+    """history: the records of the rounds already done (from the checkpoint)."""
     self.workdir = workdir
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    resume_from = history[-1]["round"] if history else 0
     write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    kept = [r for r in read_metrics(self.metrics_path) if r.get("round", 0) <= resume_from]
-    write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     self.file = open(self.metrics_path, "a")
     self.tensorboard = None
     try:

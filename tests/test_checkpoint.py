@@ -115,3 +115,19 @@ def test_non_finite_update_stops_with_round_and_clients(make_config, tmp_path):
   with pytest.raises(experiment.NonFiniteError, match=r"Round 1: non-finite loss or update from client\(s\) \[0, 1, 2\]"):
     experiment.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path):
+  config = make_config(**{"fl.rounds": 3, "keep_checkpoints": 3})
+  experiment.run(config, str(tmp_path))
+  full = _records(tmp_path)
+  # damage every data file of the newest checkpoint, as a bad disk would
+  for folder, _, files in os.walk(tmp_path / "checkpoints" / "3" / "state"):
+    for name in files:
+      if not name.endswith(".txt"):
+        with open(os.path.join(folder, name), "r+b") as f:
+          f.write(b"\xff" * 64)
+  (tmp_path / "metrics.jsonl").write_text("")  # the log is rebuilt from the checkpoint, not trusted
+  redone = experiment.run(config, str(tmp_path))
+  assert [r["round"] for r in redone] == [3]
+  assert _records(tmp_path) == full
