@@ -52,11 +52,13 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, r
                       batch_size: int, lora_scale: float, lora_dropout: float, warmup_ratio: float,
                       task_loss: Callable = softmax_cross_entropy,
                       regularizer: Optional[Callable] = None,
-                      grad_correction: Optional[Callable] = None) -> Callable:
+                      grad_correction: Optional[Callable] = None,
+                      on_client_done: Optional[Callable[[], None]] = None) -> Callable:
   """Build `local_update(shared, client)`.
 
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
-  grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD).
+  grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD);
+  on_client_done() is called on the host as each client finishes (progress bars).
   """
 
   def loss_fn(trainable, base, batch, rng, client):
@@ -89,6 +91,8 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, r
 
     (trainable, opt_state), losses = jax.lax.scan(step, (client.start, opt_state), jnp.arange(local_steps))
     finite = jnp.all(jnp.isfinite(losses)) & all_finite(trainable)
+    if on_client_done is not None:
+      jax.debug.callback(on_client_done)
     return ClientOutput(trainable, opt_state if client.opt_state is not None else None, losses.mean(), finite)
 
   return local_update
@@ -201,4 +205,11 @@ def make_executor(name: str, fn: Callable, clients_per_chunk: int = 0, shard: bo
     raise ValueError(f"config.fl.executor={name!r} is unknown; use one of {EXECUTORS}.")
   if shard if shard is not None else jax.device_count() > 1:
     body = shard_over_devices(body)
-  return jax.jit(body)
+  # Starts and kept optimizer states are built fresh each round by begin_round and have
+  # the outputs' shapes: donating them lets XLA write the outputs into their buffers.
+  def split_call(shared, carried, rest):
+    return body(shared, rest.replace(start=carried[0], opt_state=carried[1]))
+
+  jitted = jax.jit(split_call, donate_argnums=(1,))
+  return lambda shared, clients: jitted(shared, (clients.start, clients.opt_state),
+                                        clients.replace(start=None, opt_state=None))

@@ -53,6 +53,7 @@ class Experiment:
   predict: Callable
   tx: Any
   init_state: Callable[[], RunState]
+  client_bar: Any                         # run_log.ClientBar on a terminal, else None
   local_update_for: Callable[[int], Callable]  # local_steps -> local_update (for FLOP counts)
 
   @property
@@ -97,11 +98,15 @@ def build(config, model: Optional[models.Model] = None,
   trainable0 = {"lora": lora0, "head": head}
   tx = optim.adamw_direction(op.b1, op.b2, op.eps, op.weight_decay)
   rates = optim.learning_rates(trainable0, op.lr, op.head_lr or op.lr, freeze_a)
+  from frlora_jax import run_log
+  client_bar = run_log.ClientBar() if sys.stderr.isatty() else None
+
   def local_update_for(local_steps: int):
     return client.make_local_update(
         apply_fn, tx=tx, rates=rates, local_steps=local_steps, batch_size=op.batch_size,
         lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
-        regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction)
+        regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction,
+        on_client_done=client_bar.tick if client_bar is not None else None)
 
   executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk,
                                   shard=None if fl.shard_clients == "auto" else fl.shard_clients == "on")
@@ -167,7 +172,7 @@ def build(config, model: Optional[models.Model] = None,
                    train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
                    client_counts=counts, executor=executor, begin_round=jax.jit(begin_round), end_round=jax.jit(end_round),
                    aggregate=jax.jit(algorithm.aggregate), predict=jax.jit(predict), tx=tx, init_state=init_state,
-                   local_update_for=local_update_for)
+                   client_bar=client_bar, local_update_for=local_update_for)
   return exp
 
 
@@ -301,14 +306,19 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   records, logged = [], state
   try:
     with log.progress(start, config.fl.rounds) as progress:
+      last_round_s = 0.0
       for r in range(start, config.fl.rounds):
         t0 = time.time()
+        if exp.client_bar is not None:
+          exp.client_bar.start(config.fl.clients_per_round or exp.num_clients, last_round_s)
         state, record = run_round(exp, state, r)
+        if exp.client_bar is not None:
+          exp.client_bar.stop()
         if is_eval_round(config, r + 1):
           record["eval"] = evaluate(exp, state.server)
           if exp.algorithm.personal_trees is not None:
             record["eval_personal"] = evaluate_personal(exp, state)
-        record["seconds"] = round(time.time() - t0, 4)
+        record["seconds"] = last_round_s = round(time.time() - t0, 4)
         record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
                                        * len(record["clients"]))
         log.write(record)

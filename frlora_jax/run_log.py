@@ -68,6 +68,29 @@ class Progress:
       self.bar.close()
 
 
+class ClientBar:
+  """A per-client bar inside long rounds, on a terminal only (ticked from compiled code)."""
+
+  LONG_ROUND_S = 10.0
+
+  def __init__(self):
+    self.bar = None
+
+  def start(self, clients: int, last_round_s: float) -> None:
+    if last_round_s >= self.LONG_ROUND_S:
+      from tqdm import tqdm
+      self.bar = tqdm(total=clients, unit="client", leave=False, dynamic_ncols=True)
+
+  def tick(self) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def stop(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
 class RunLog:
   def __init__(self, workdir: str, config, history: list[dict]):
     """history: the records of the rounds already done (from the checkpoint)."""

@@ -51,3 +51,16 @@ def test_eval_batches_have_fixed_rows_and_few_shapes(make_config, tmp_path):
   shapes = {b["input_ids"].shape for b in data.eval_batches}
   assert all(s[0] == 8 for s in shapes) and len({s[1] for s in shapes}) <= 3
   assert data.train["input_ids"].shape[1] == 32  # longest train example (27 tokens) -> bucket 32, not 64
+
+
+def test_disk_source_with_named_splits(make_config, tmp_path):
+  import datasets
+  rows = sentiment_rows(150)
+  splits = datasets.DatasetDict({
+      "train": datasets.Dataset.from_list(rows[:120]), "validation": datasets.Dataset.from_list(rows[120:])})
+  splits.save_to_disk(str(tmp_path / "ds"))
+  data = experiment.build(make_config(**{"data.source": "disk", "data.path": str(tmp_path / "ds")})).data
+  assert len(data.train["labels"]) == 120 and sum(int(b["valid"].sum()) for b in data.eval_batches) == 30
+  import pytest
+  with pytest.raises(ValueError, match="has splits .* not 'dev'"):
+    experiment.build(make_config(**{"data.source": "disk", "data.path": str(tmp_path / "ds"), "data.eval_split": "dev"}))
