@@ -54,8 +54,8 @@ def summarise(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], target: fl
     reach = np.array([rounds_to_reach(r, v, target) for r, v in runs])
     rows.append({
         "algorithm": name, "seeds": len(runs),
-        "final_mean": final.mean(), "final_std": final.std(),
-        "best_mean": best.mean(), "best_std": best.std(),
+        "final_mean": final.mean(), "final_std": final.std(ddof=1) if len(final) > 1 else 0.0,
+        "best_mean": best.mean(), "best_std": best.std(ddof=1) if len(best) > 1 else 0.0,
         "rounds_to_target_mean": float(np.nanmean(reach)) if np.isfinite(reach).any() else math.nan,
         "seeds_reaching_target": int(np.isfinite(reach).sum()),
     })
@@ -76,7 +76,7 @@ def write_results(rows: list[dict], target: float, metric: str, title: str, fold
     lines.append(f"| {r['algorithm']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
                  f"{r['best_mean']:.4f} ± {r['best_std']:.4f} | {reach} |")
   with open(os.path.join(folder, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n\nmean ± std over seeds.\n")
+    f.write("\n".join(lines) + "\n\nmean ± sample std over seeds.\n")
 
 
 def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, target: float | None = None):

@@ -79,3 +79,15 @@ def test_clients_sharded_over_four_cpu_devices_match_one(tiny_model_dir, sentime
     assert out[f"on{executor}loss"] == pytest.approx(out[f"off{executor}loss"], rel=1e-5)
     for sharded, single in zip(out[f"on{executor}"], out[f"off{executor}"]):
       np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_params(make_config):
+  exp = experiment.build(make_config(**{"model.dtype": "bfloat16"}))
+  state, record = experiment.run_round(exp, exp.init_state(), 0)
+  assert np.isfinite(record["train_loss"])
+  for tree in (state.server.lora, state.server.head):
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)} == {"float32"}
+  # the client updates were computed in bf16: they differ from the float32 run
+  exp32 = experiment.build(make_config())
+  _, record32 = experiment.run_round(exp32, exp32.init_state(), 0)
+  assert record["client_losses"] != record32["client_losses"]
