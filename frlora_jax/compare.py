@@ -17,12 +17,6 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
-_ALGORITHMS = flags.DEFINE_string("algorithms", "frlora,fedavg,ffa_lora", "Comma-separated names, or 'all'.")
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and results go.")
-_TARGET = flags.DEFINE_float("target", None, "Eval metric to reach; default 95% of the best mean final value.")
-
 
 def parse_algorithms(text: str) -> list[str]:
   from frlora_jax import algorithms
@@ -103,19 +97,28 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
   return rows
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  import transformers
-  transformers.logging.set_verbosity_error()
-  if not _WORKDIR.value or _CONFIG.value is None:
-    raise app.UsageError("--config and --workdir are required.")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
-  rows = compare(_CONFIG.value, parse_algorithms(_ALGORITHMS.value), seeds, _WORKDIR.value, _TARGET.value)
-  print(open(os.path.join(_WORKDIR.value, "results.md")).read())
-  return rows
+def cli():
+  """The command line (flags are defined here, not at import, so the module is importable)."""
+  config = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
+  algorithm_names = flags.DEFINE_string("algorithms", "frlora,fedavg,ffa_lora", "Comma-separated names, or 'all'.")
+  seeds = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  workdir = flags.DEFINE_string("workdir", None, "Where runs and results go.")
+  target = flags.DEFINE_float("target", None, "Eval metric to reach; default 95% of the best mean final value.")
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    if not workdir.value or config.value is None:
+      raise app.UsageError("--config and --workdir are required.")
+    os.makedirs(workdir.value, exist_ok=True)
+    seed_list = [int(s) for s in seeds.value.split(",") if s.strip()]
+    compare(config.value, parse_algorithms(algorithm_names.value), seed_list, workdir.value, target.value)
+    print(open(os.path.join(workdir.value, "results.md")).read())
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli()

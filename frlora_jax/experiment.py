@@ -7,8 +7,6 @@ continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -20,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from frlora_jax import algorithms, client, config_checks, data as data_lib, lora as lora_lib, models, optim
+from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, metrics,
+                        models, optim, run_log)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -98,7 +97,6 @@ def build(config, model: Optional[models.Model] = None,
   trainable0 = {"lora": lora0, "head": head}
   tx = optim.adamw_direction(op.b1, op.b2, op.eps, op.weight_decay)
   rates = optim.learning_rates(trainable0, op.lr, op.head_lr or op.lr, freeze_a)
-  from frlora_jax import run_log
   client_bar = run_log.ClientBar() if sys.stderr.isatty() else None
 
   def local_update_for(local_steps: int):
@@ -281,7 +279,6 @@ def evaluate_trees(exp: Experiment, base, lora, head) -> dict[str, float]:
     predictions.append(np.asarray(pred)[valid])
     losses.append(np.asarray(loss)[valid])
     labels.append(batch["labels"][valid])
-  from frlora_jax import metrics
   result = metrics.classification_metrics(np.concatenate(predictions), np.concatenate(labels), exp.data.num_labels)
   result["loss"] = float(np.concatenate(losses).mean())
   return result
@@ -293,7 +290,6 @@ def is_eval_round(config, round_number: int) -> bool:
 
 def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict]:
   """Run (or resume) an experiment in `workdir`; returns this invocation's round records."""
-  from frlora_jax import checkpoint, run_log
   config_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work

@@ -23,10 +23,6 @@ from absl import app, flags, logging
 
 from frlora_jax import checkpoint, lora as lora_lib, models
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (with checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-
 
 def torch_name(path: tuple) -> str:
   return ".".join(path)
@@ -115,14 +111,22 @@ def jax_to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value or not _OUT.value:
-    raise app.UsageError("--workdir and --out are required.")
-  summary = export(_WORKDIR.value, _OUT.value, _STEP.value)
-  print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=2))
+def cli():
+  """The command line (flags are defined here, not at import, so the module is importable)."""
+  workdir = flags.DEFINE_string("workdir", None, "A run's workdir (with checkpoints/).")
+  out = flags.DEFINE_string("out", None, "Output folder.")
+  step = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if not workdir.value or not out.value:
+      raise app.UsageError("--workdir and --out are required.")
+    summary = export(workdir.value, out.value, step.value)
+    print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=2))
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli()

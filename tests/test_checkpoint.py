@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from frlora_jax import checkpoint, experiment, lora
+from frlora_jax import checkpoint, experiment
 
 
 def _cli(tiny_model_dir, sentiment_csv, workdir, *extra):

@@ -1,7 +1,6 @@
 """Export: the merged HF model loads back with the run's logits; the adapter uses PEFT's layout."""
 import json
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy

@@ -1,0 +1,31 @@
+"""The comparison runner: algorithms x seeds -> results.md, results.csv, curves.png."""
+import csv
+
+import numpy as np
+import pytest
+
+from frlora_jax import compare, run_log
+
+
+def test_compare_tables_every_algorithm_and_seed(make_config, tmp_path):
+  config = make_config(**{"fl.rounds": 2})
+  rows = compare.compare(config, ["frlora", "fedavg"], [0, 1], str(tmp_path))
+  assert [r["algorithm"] for r in rows] == ["frlora", "fedavg"]
+  for row in rows:
+    finals = [run_log.read_metrics(str(tmp_path / row["algorithm"] / f"seed{s}" / "metrics.jsonl"))[-1]["eval"]["accuracy"]
+              for s in (0, 1)]
+    assert row["final_mean"] == pytest.approx(np.mean(finals))
+    assert row["final_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert row["best_mean"] >= row["final_mean"]
+  table = (tmp_path / "results.md").read_text()
+  assert "| frlora |" in table and "| fedavg |" in table
+  assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 2
+  assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_rounds_to_reach_and_algorithm_names():
+  assert compare.rounds_to_reach(np.array([1, 2, 3]), np.array([0.5, 0.7, 0.9]), 0.7) == 2.0
+  assert np.isnan(compare.rounds_to_reach(np.array([1, 2]), np.array([0.1, 0.2]), 0.7))
+  assert "scaffold" in compare.parse_algorithms("all") and len(compare.parse_algorithms("all")) == 12
+  with pytest.raises(ValueError, match="--algorithms: 'fedfoo' is unknown"):
+    compare.parse_algorithms("frlora,fedfoo")
