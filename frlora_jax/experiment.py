@@ -317,14 +317,18 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
         record["seconds"] = last_round_s = round(time.time() - t0, 4)
         record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
                                        * len(record["clients"]))
-        log.write(record)
-        logged = state
         history.append(record)
+        logged = state
+        log.write(record)
         progress.update(record, exp.data.metric)
         records.append(record)
         ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
   except KeyboardInterrupt:
-    ckpt.save_now(logged, int(logged.round), history)
+    # Save the last complete round, and make metrics.jsonl say exactly what it holds
+    # (the interrupt may have landed between the two writes, or inside one).
+    saved_round = int(logged.round)
+    ckpt.save_now(logged, saved_round, history)
+    log.rewrite([r for r in history if r["round"] <= saved_round])
     print(f"Interrupted: saved round {int(logged.round)} in {workdir}; run the same command to resume.",
           file=sys.stderr)
     raise SystemExit(130)

@@ -98,14 +98,21 @@ class RunLog:
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     resume_from = history[-1]["round"] if history else 0
     write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    self.file = open(self.metrics_path, "a")
+    self.file = None
+    self.rewrite(history)
     self.tensorboard = None
     try:
       from tensorboardX import SummaryWriter
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_from + 1)
     except ImportError:
       pass
+
+  def rewrite(self, records: list[dict]) -> None:
+    """Replace metrics.jsonl by `records` (atomically) and keep appending after them."""
+    if self.file is not None and not self.file.closed:
+      self.file.close()
+    write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+    self.file = open(self.metrics_path, "a")
 
   def progress(self, start: int, total: int):
     return contextlib.closing(Progress(start, total))
