@@ -49,6 +49,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
   hf_config.label2id = {name: i for i, name in enumerate(label_names)}
   pretrained = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=hf_config)
 
+  pretrained_weights = pretrained.params  # W0: what the adapter's update is relative to
   merged_dir = os.path.join(out, "merged")
   pretrained.params = jax_to_numpy(merged)
   pretrained.save_pretrained(merged_dir)
@@ -57,7 +58,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
   tensors, report = {}, {}
   rank = config.lora.rank
   for path in lora_lib.lora_entries(lora_tree):
-    w0 = np.asarray(lora_lib.get_kernel(pretrained_params(source, num_labels), path), np.float64)
+    w0 = np.asarray(lora_lib.get_kernel(pretrained_weights, path), np.float64)
     delta = np.asarray(lora_lib.get_kernel(merged, path), np.float64) - w0
     a, b = low_rank_factors(delta, rank, scale)
     name = f"base_model.model.{torch_name(path)}"
@@ -88,17 +89,6 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
   with open(os.path.join(out, "export_report.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
-
-
-_PRETRAINED = {}
-
-
-def pretrained_params(source: str, num_labels: int):
-  """The pre-trained weights (cached per process) that the adapter is relative to."""
-  if source not in _PRETRAINED:
-    from transformers import FlaxAutoModelForSequenceClassification
-    _PRETRAINED[source] = FlaxAutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels).params
-  return _PRETRAINED[source]
 
 
 def _flat(tree):

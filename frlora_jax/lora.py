@@ -154,10 +154,6 @@ def check_rank(targets: dict[Path, tuple[int, int]], rank: int) -> None:
         f"{', '.join(too_small[:3])}. Set config.lora.rank <= {min(min(s) for s in targets.values())}.")
 
 
-def count_params(tree) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 def split_tree(params, patterns: Iterable[str]):
   """Split a nested dict into (rest, matched) by regex on leaf paths."""
   patterns = list(patterns)
