@@ -153,14 +153,9 @@ def vmap_body(fn: Callable, clients_per_chunk: int = 0) -> Callable:
     k = num_clients(clients)
     if not clients_per_chunk or clients_per_chunk >= k:
       return _vmapped(fn)(shared, clients)
-    chunks = -(-k // clients_per_chunk)
-    pad = chunks * clients_per_chunk - k
-
-    def to_chunks(x):
-      x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
-      return x.reshape((chunks, clients_per_chunk) + x.shape[1:])
-
-    out = jax.lax.map(lambda c: _vmapped(fn)(shared, c), jax.tree_util.tree_map(to_chunks, clients))
+    chunked = jax.tree_util.tree_map(lambda x: x.reshape((-1, clients_per_chunk) + x.shape[1:]),
+                                     _pad_clients(clients, clients_per_chunk))
+    out = jax.lax.map(lambda c: _vmapped(fn)(shared, c), chunked)
     return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:k], out)
 
   return run

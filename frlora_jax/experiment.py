@@ -48,9 +48,7 @@ class Experiment:
   executor: Callable
   begin_round: Callable         # jitted: (state, ids, round, rounds) -> (ClientInput, client states)
   end_round: Callable           # jitted: (state, output, ids, weights, extras) -> (state, finite)
-  aggregate: Callable
   predict: Callable
-  tx: Any
   init_state: Callable[[], RunState]
   client_bar: Any                         # run_log.ClientBar on a terminal, else None
   local_update_for: Callable[[int], Callable]  # local_steps -> local_update (for FLOP counts)
@@ -169,7 +167,7 @@ def build(config, model: Optional[models.Model] = None,
   exp = Experiment(config=config, data=data, model=model, algorithm=algorithm, lora_scale=scale, freeze_a=freeze_a,
                    train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
                    client_counts=counts, executor=executor, begin_round=jax.jit(begin_round), end_round=jax.jit(end_round),
-                   aggregate=jax.jit(algorithm.aggregate), predict=jax.jit(predict), tx=tx, init_state=init_state,
+                   predict=jax.jit(predict), init_state=init_state,
                    client_bar=client_bar, local_update_for=local_update_for)
   return exp
 

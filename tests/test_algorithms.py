@@ -10,8 +10,9 @@ def _round(make_config, **overrides):
   exp = experiment.build(config)
   state = exp.init_state()
   updates = experiment.local_updates(exp, state, 0)
-  server, _ = exp.aggregate(state.server, updates.output.trainable, updates.weights, updates.extras)
-  return exp, state, updates, server
+  new_state, _ = exp.end_round(state, updates.output, np.asarray(updates.ids, np.int32), updates.weights,
+                               updates.extras)
+  return exp, state, updates, new_state.server
 
 
 def _np(x):
