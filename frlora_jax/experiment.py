@@ -16,10 +16,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, metrics,
-                        models, optim, run_log)
+from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, models,
+                        optim, run_log, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -48,7 +47,8 @@ class Experiment:
   executor: Callable
   begin_round: Callable         # jitted: (state, ids, round, rounds) -> (ClientInput, client states)
   end_round: Callable           # jitted: (state, output, ids, weights, extras) -> (state, finite)
-  predict: Callable
+  evaluator: Callable            # (base, lora, head) -> metrics of that global model
+  predict: Optional[Callable]    # classification: jitted (base, lora, head, batch) -> (predictions, losses)
   init_state: Callable[[], RunState]
   client_bar: Any                         # run_log.ClientBar on a terminal, else None
   local_update_for: Callable[[int], Callable]  # local_steps -> local_update (for FLOP counts)
@@ -58,19 +58,19 @@ class Experiment:
     return len(self.client_counts)
 
 
-def dtype_of(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+dtype_of = workloads.dtype_of
 
 
 def build(config, model: Optional[models.Model] = None,
           data: Optional[data_lib.FederatedData] = None) -> Experiment:
   """Check the config, load data and model (unless given), and compile nothing yet."""
   config_checks.check(config)
+  workload = workloads.for_config(config)
   if data is None:
     tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(config.model.name)
     data = data_lib.build(config, tokenizer)
   if model is None:
-    model = models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))
+    model = workload.load_model(config, data)
   fl, lo, op = config.fl, config.lora, config.optim
   algorithm = algorithms.build(fl.algorithm, lora_scale=lo.alpha / lo.rank, aggregation=fl.aggregation,
                                config=config)
@@ -83,7 +83,7 @@ def build(config, model: Optional[models.Model] = None,
   scale = lo.alpha / lo.rank
   init = algorithm.lora_init if lo.init == "auto" else lo.init
   freeze_a = algorithm.freeze_a if algorithm.freeze_a is not None else bool(lo.freeze_a)
-  apply_fn = models.make_apply(model)
+  apply_fn = workload.make_apply(model)
 
   key = jax.random.PRNGKey(config.seed)
   if init == "pissa":
@@ -100,7 +100,7 @@ def build(config, model: Optional[models.Model] = None,
   def local_update_for(local_steps: int):
     return client.make_local_update(
         apply_fn, tx=tx, rates=rates, local_steps=local_steps, batch_size=op.batch_size,
-        lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio,
+        lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio, task_loss=workload.task_loss,
         regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction,
         on_client_done=client_bar.tick if client_bar is not None else None)
 
@@ -156,18 +156,11 @@ def build(config, model: Optional[models.Model] = None,
                          client_extra=_put(state.client_extra, ids, new_extras))
     return new_state, client.all_finite(server)
 
-  def predict(base, lora, head, batch):
-    """Predictions and per-example losses of the global model on one eval batch."""
-    params = lora_lib.join_trees(base, head)
-    with lora_lib.interceptor(lora, scale):
-      logits = apply_fn(params, batch, None, deterministic=True).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    return jnp.argmax(logits, -1), losses
-
+  evaluator, predict = workload.make_evaluator(config, model, data, apply_fn, scale)
   exp = Experiment(config=config, data=data, model=model, algorithm=algorithm, lora_scale=scale, freeze_a=freeze_a,
                    train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
                    client_counts=counts, executor=executor, begin_round=jax.jit(begin_round), end_round=jax.jit(end_round),
-                   predict=jax.jit(predict), init_state=init_state,
+                   evaluator=evaluator, predict=predict, init_state=init_state,
                    client_bar=client_bar, local_update_for=local_update_for)
   return exp
 
@@ -270,16 +263,7 @@ def evaluate_personal(exp: Experiment, state: RunState) -> dict[str, float]:
 
 
 def evaluate_trees(exp: Experiment, base, lora, head) -> dict[str, float]:
-  predictions, labels, losses = [], [], []
-  for batch in exp.data.eval_batches:
-    valid = batch["valid"]
-    pred, loss = exp.predict(base, lora, head, {k: v for k, v in batch.items() if k != "valid"})
-    predictions.append(np.asarray(pred)[valid])
-    losses.append(np.asarray(loss)[valid])
-    labels.append(batch["labels"][valid])
-  result = metrics.classification_metrics(np.concatenate(predictions), np.concatenate(labels), exp.data.num_labels)
-  result["loss"] = float(np.concatenate(losses).mean())
-  return result
+  return exp.evaluator(base, lora, head)
 
 
 def is_eval_round(config, round_number: int) -> bool:
@@ -298,6 +282,11 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
                              config.fl.clients_per_round or exp.num_clients)
   records, logged = [], state
+  if config.eval_before_training and start == 0 and not history:
+    record = {"round": 0, "algorithm": exp.algorithm.name, "eval": evaluate(exp, state.server), "clients": []}
+    history.append(record)
+    log.write(record)
+    records.append(record)
   try:
     with log.progress(start, config.fl.rounds) as progress:
       last_round_s = 0.0

@@ -19,6 +19,8 @@ HEAD_PATTERNS = {
     "bert": (r"^classifier/",),
     "roberta": (r"^classifier/",),
     "xlm-roberta": (r"^classifier/",),
+    "llama": (),   # causal LMs: only LoRA trains
+    "gpt2": (),
 }
 
 

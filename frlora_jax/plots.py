@@ -15,11 +15,14 @@ def run_curves(records: list[dict], path: str) -> None:
   """Training loss and every eval metric of one run against the round."""
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-  left.plot([r["round"] for r in records], [r["train_loss"] for r in records])
-  left.set(xlabel="round", ylabel="train loss")
+  trained = [r for r in records if "train_loss" in r]
   evals = [r for r in records if "eval" in r]
+  left.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], label="train")
+  left.plot([r["round"] for r in evals], [r["eval"]["loss"] for r in evals], label="eval")
+  left.set(xlabel="round", ylabel="loss")
+  left.legend()
   for name in evals[0]["eval"]:
-    if name != "loss":
+    if name not in ("loss", "perplexity"):
       right.plot([r["round"] for r in evals], [r["eval"][name] for r in evals], label=name)
   right.set(xlabel="round", ylabel="eval")
   right.legend()

@@ -123,10 +123,11 @@ class RunLog:
     os.fsync(self.file.fileno())
     if self.tensorboard is not None:
       step = record["round"]
-      self.tensorboard.add_scalar("train/loss", record["train_loss"], step)
+      for name in ("train_loss", "seconds"):
+        if name in record:
+          self.tensorboard.add_scalar(f"train/{name.replace('train_', '')}", record[name], step)
       for name, value in record.get("eval", {}).items():
         self.tensorboard.add_scalar(f"eval/{name}", value, step)
-      self.tensorboard.add_scalar("train/seconds", record["seconds"], step)
 
   def close(self) -> None:
     if not self.file.closed:

@@ -76,6 +76,96 @@ def tiny_config(model_dir, data_path, **overrides):
   c.optim.batch_size, c.optim.lr = 8, 5e-3
   c.eval_batch_size = 32
   c.checkpoint_every = 1
+  return _override(c, overrides)
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, sentiment_csv):
+  return lambda **kw: tiny_config(tiny_model_dir, sentiment_csv, **kw)
+
+
+# ----- causal LMs -----
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LANGUAGES = ["alpha", "beta", "gamma"]
+
+
+def byte_tokenizer(chat_template=CHATML):
+  """A byte-level tokenizer with no merges: 256 byte tokens + ChatML specials (vocab 260)."""
+  from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  specials = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  vocab = {t: i for i, t in enumerate(specials + alphabet)}
+  tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|endoftext|>",
+                                 eos_token="<|im_end|>", additional_special_tokens=specials[1:],
+                                 chat_template=chat_template)
+
+
+def write_tiny_lm(folder, arch="llama", **shape):
+  """A random tiny Llama/GPT-2 saved as an HF Flax dir with the byte tokenizer."""
+  from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM
+  from frlora_jax import causal_lm
+  tokenizer = byte_tokenizer()
+  kwargs = dict(hidden=32, layers=2, heads=4, vocab=len(tokenizer), max_positions=256, initializer_range=0.2)
+  kwargs.update(shape)
+  model = causal_lm.random_causal_lm(arch, **kwargs)
+  cls = FlaxLlamaForCausalLM if arch == "llama" else FlaxGPT2LMHeadModel
+  flax_model = cls(model.hf_config, _do_init=False)
+  flax_model.save_pretrained(folder, params=causal_lm.to_hf_layout(arch, model.params))
+  tokenizer.save_pretrained(folder)
+  return str(folder)
+
+
+def exam_rows(n, seed=0):
+  """Multiple-choice records in the evals exams-qa layout, with a language column for natural clients."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    answer = int(rng.integers(4))
+    options = "\n".join(f"{'ABCD'[j]}. {'yes' if j == answer else 'no'}" for j in range(4))
+    rows.append({"input": [{"role": "system", "content": "Answer with [X]."},
+                           {"role": "user", "content": f"Which says yes?\n{options}\nAnswer:"}],
+                 "ideal": f"[{'ABCD'[answer]}]", "language": LANGUAGES[i % len(LANGUAGES)]})
+  return rows
+
+
+def write_jsonl(path, rows):
+  import json
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+  return write_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), "llama", kv_heads=2, rope_theta=50000.0)
+
+
+@pytest.fixture(scope="session")
+def exams_jsonl(tmp_path_factory):
+  return write_jsonl(tmp_path_factory.mktemp("lmdata") / "exams.jsonl", exam_rows(120))
+
+
+def tiny_lm_config(model_dir, data_path, **overrides):
+  """A fast instruction-tuning config on a tiny causal LM and local JSONL exam questions."""
+  c = tiny_config(model_dir, data_path)
+  c.data.kind, c.data.source = "instruction", "jsonl"
+  c.data.messages_field, c.data.response_field = "input", "ideal"
+  c.data.metric, c.data.answer_format, c.data.max_new_tokens = "exact_match", "letter", 4
+  c.data.max_length = 128
+  c.fl.partition, c.fl.natural_field, c.fl.num_clients = "natural", "language", 3
+  c.lora.targets = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$", r"c_attn$", r"c_proj$", r"c_fc$")
+  c.optim.batch_size = 4
+  c.eval_batch_size = 16
+  return _override(c, overrides)
+
+
+def _override(c, overrides):
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -86,5 +176,5 @@ def tiny_config(model_dir, data_path, **overrides):
 
 
 @pytest.fixture
-def make_config(tiny_model_dir, sentiment_csv):
-  return lambda **kw: tiny_config(tiny_model_dir, sentiment_csv, **kw)
+def make_lm_config(tiny_llama_dir, exams_jsonl):
+  return lambda **kw: tiny_lm_config(tiny_llama_dir, exams_jsonl, **kw)

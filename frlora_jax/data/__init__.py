@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from frlora_jax.data import batching, partition, sources, tasks
+from frlora_jax.data import batching, instructions, partition, sources, tasks
 from frlora_jax.data.partition import PARTITIONS
 from frlora_jax.data.sources import SOURCES
 from frlora_jax.data.tasks import METRICS, TASKS, apply_task
@@ -32,6 +32,8 @@ class FederatedData:
   num_labels: int
   label_names: tuple
   metric: str
+  prompt_batches: list[dict] = dataclasses.field(default_factory=list)  # generation: left-padded prompts
+  references: list[str] = dataclasses.field(default_factory=list)       # generation: reference answers
 
 
 def _check_fields(columns: dict, d, where: str) -> None:
@@ -143,6 +145,68 @@ def partition_clients(train: Examples, fl, seed: int) -> tuple[list[np.ndarray],
 
 
 def build(config, tokenizer) -> FederatedData:
+  if config.data.kind == "instruction":
+    return build_instructions(config, tokenizer)
+  return build_classification(config, tokenizer)
+
+
+def pad_token_id(tokenizer) -> int:
+  """The tokenizer's pad id, else its EOS (causal LMs often have no pad token), else 0."""
+  for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if value is not None:
+      return int(value)
+  return 0
+
+
+def load_instruction_columns(d, seed: int) -> tuple[dict, dict]:
+  """Raw train/eval columns of an instruction dataset, with the configured fields checked."""
+  needed = [f for f in (d.messages_field, d.instruction_field, d.input_field, d.response_field, d.reference_field) if f]
+  train = sources.load(d.source, d.path, name=d.name, split=d.train_split)
+  if d.eval_path:
+    eval_ = sources.load(d.source, d.eval_path, name=d.name, split=d.eval_split or "validation")
+  elif d.source in ("hub", "disk") and d.eval_split:
+    eval_ = sources.load(d.source, d.path, name=d.name, split=d.eval_split)
+  else:
+    n = len(next(iter(train.values())))
+    order = np.random.default_rng(seed + 7919).permutation(n)
+    n_eval = max(1, int(round(d.eval_fraction * n)))
+    eval_, train = _take(train, np.sort(order[:n_eval])), _take(train, np.sort(order[n_eval:]))
+  for cols, where in ((train, f"{d.path} (train)"), (eval_, f"{d.path} (eval)")):
+    missing = [f for f in needed if f not in cols]
+    if missing:
+      raise ValueError(f"config.data: column(s) {missing} are not in {where} (it has {sorted(cols)}); set the "
+                       f"config.data.*_field settings to those columns.")
+  return _subsample(train, d.max_train_examples, seed), _subsample(eval_, d.max_eval_examples, seed + 1)
+
+
+def build_instructions(config, tokenizer) -> FederatedData:
+  """Instruction data: response-masked token arrays, eval-loss batches and generation prompts."""
+  d, fl = config.data, config.fl
+  train_cols, eval_cols = load_instruction_columns(d, config.seed)
+  pad_id = pad_token_id(tokenizer)
+  train = instructions.encode(tokenizer, train_cols, d, d.max_length)
+  eval_ = instructions.encode(tokenizer, eval_cols, d, d.max_length)
+  for enc, cols, where in ((train, train_cols, "training"), (eval_, eval_cols, "eval")):
+    if not len(enc.kept):
+      raise ValueError(f"No {where} record fits config.data.max_length={d.max_length} tokens (all "
+                       f"{len(next(iter(cols.values())))} are longer); raise config.data.max_length.")
+  train_cols = _take(train_cols, train.kept)
+  parts, names = partition_clients(Examples([], np.zeros(len(train.kept)), train_cols), fl, config.seed)
+  length = batching.bucket_length(max(len(s) for s in train.input_ids), d.max_length)
+  generate_rows = np.arange(len(eval_.prompts))[:d.max_generate_examples or None]
+  prompts = [eval_.prompts[i] for i in generate_rows]
+  return FederatedData(
+      train=batching.lm_arrays(train.input_ids, train.loss_mask, length, pad_id),
+      client_indices=parts, client_names=names,
+      eval_batches=batching.lm_eval_batches(eval_.input_ids, eval_.loss_mask, config.eval_batch_size, d.max_length,
+                                            pad_id),
+      num_labels=0, label_names=(), metric=d.metric,
+      prompt_batches=batching.prompt_batches(prompts, config.eval_batch_size, d.max_length, pad_id)
+      if d.answer_format != "none" else [],
+      references=[eval_.references[i] for i in generate_rows])
+
+
+def build_classification(config, tokenizer) -> FederatedData:
   d, fl = config.data, config.fl
   train, eval_, label_names, num_labels = load_examples(d, config.seed)
   parts, names = partition_clients(train, fl, config.seed)

@@ -65,3 +65,47 @@ def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int)
     batch["valid"] = np.arange(batch_size) < len(rows)
     batches.append(batch)
   return batches
+
+
+def lm_arrays(ids: list[list[int]], loss_mask: list[list[int]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Right-padded [N, length] input_ids, attention_mask and loss_mask for causal-LM training."""
+  n = len(ids)
+  out = {"input_ids": np.full((n, length), pad_id, np.int32), "attention_mask": np.zeros((n, length), np.int32),
+         "loss_mask": np.zeros((n, length), np.int32)}
+  for i, (seq, mask) in enumerate(zip(ids, loss_mask)):
+    out["input_ids"][i, :len(seq)] = seq
+    out["attention_mask"][i, :len(seq)] = 1
+    out["loss_mask"][i, :len(seq)] = mask
+  return out
+
+
+def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+  """Length-sorted, bucket-padded batches of exactly batch_size rows; `valid` marks the real ones."""
+  order = np.argsort([len(s) for s in ids], kind="stable")
+  batches = []
+  for start in range(0, len(ids), batch_size):
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+    length = bucket_length(max(len(ids[r]) for r in rows), max_length)
+    batch = lm_arrays([ids[r] for r in padded], [loss_mask[r] for r in padded], length, pad_id)
+    batch["valid"] = np.arange(batch_size) < len(rows)
+    batches.append(batch)
+  return batches
+
+
+def prompt_batches(prompts: list[list[int]], batch_size: int, max_length: int, pad_id: int) -> list[dict]:
+  """Left-padded prompt batches (generation appends on the right); `rows` are indices into `prompts`."""
+  order = np.argsort([len(p) for p in prompts], kind="stable")
+  batches = []
+  for start in range(0, len(prompts), batch_size):
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+    length = bucket_length(max(len(prompts[r]) for r in rows), max_length)
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for i, r in enumerate(padded):
+      seq = prompts[r][-length:]
+      ids[i, length - len(seq):] = seq
+      mask[i, length - len(seq):] = 1
+    batches.append({"input_ids": ids, "attention_mask": mask, "rows": rows})
+  return batches

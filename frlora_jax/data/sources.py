@@ -5,8 +5,11 @@ pipeline never knows where the data came from.
 """
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
+import re
 from typing import Optional
 
 SOURCES = ("hub", "disk", "csv", "jsonl", "pypi")
@@ -68,8 +71,27 @@ def load_text_folder(path: str) -> Columns:
   return {"text": texts, "label": labels}
 
 
+def load_glob(pattern: str) -> Columns:
+  """Every file matching `pattern`, concatenated, with a `group` column holding what the first `*`
+  matched (e.g. `data/*-exams-qa/samples.jsonl` -> group 'french'): a natural client id."""
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f"config.data.path={pattern!r} matches no file.")
+  regex = re.compile(fnmatch.translate(pattern).replace(".*", "(.*)", 1))
+  parts = []
+  for path in files:
+    columns = load_file(path)
+    group = regex.match(path).group(1)
+    columns["group"] = [group] * len(next(iter(columns.values())))
+    parts.append(columns)
+  names = list(dict.fromkeys(k for part in parts for k in part))
+  return {k: [v for part in parts for v in part.get(k, [None] * len(part["group"]))] for k in names}
+
+
 def load_file(path: str) -> Columns:
-  """A local CSV (optionally compressed), a JSONL file, or a folder of <label>/*.txt."""
+  """A local CSV (optionally compressed), a JSONL file, a folder of <label>/*.txt, or a glob of files."""
+  if "*" in path:
+    return load_glob(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.data.path={path!r} does not exist; point it at a CSV or JSONL file.")
   lower = path.lower()

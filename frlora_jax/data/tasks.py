@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-METRICS = ("accuracy", "mcc", "macro_f1")
+METRICS = ("accuracy", "mcc", "macro_f1", "exact_match", "perplexity")
+LM_METRICS = ("exact_match", "perplexity")
+LOWER_IS_BETTER = ("perplexity", "loss")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""What differs between sequence classification and causal-LM instruction tuning, in one place.
+
+A `Workload` says how to load the model, how the model is applied, the task
+loss of a batch, and how a global model is evaluated. The round loop, the
+client executors and the server rules are shared and never ask which it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from frlora_jax import causal_lm, client, generation, metrics, models
+from frlora_jax import lora as lora_lib
+from frlora_jax.data import instructions, pad_token_id
+
+Evaluator = Callable[[Any, Any, Any], dict]  # (base, lora, head) -> metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  load_model: Callable[[Any, Any], models.Model]       # (config, data) -> Model
+  make_apply: Callable[[models.Model], Callable]       # -> apply(params, batch, rng, deterministic)
+  task_loss: Callable                                  # (logits, batch) -> scalar
+  make_evaluator: Callable[..., tuple[Evaluator, Callable | None]]  # -> (evaluate, predict or None)
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+# ----- sequence classification -----
+
+def _load_classifier(config, data) -> models.Model:
+  return models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))
+
+
+def _classification_evaluator(config, model, data, apply_fn, scale: float):
+  @jax.jit
+  def predict(base, lora, head, batch):
+    """Predictions and per-example losses of a global model on one eval batch."""
+    params = lora_lib.join_trees(base, head)
+    with lora_lib.interceptor(lora, scale):
+      logits = apply_fn(params, batch, None, deterministic=True).astype(jnp.float32)
+    return jnp.argmax(logits, -1), optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+
+  def evaluate(base, lora, head) -> dict:
+    predictions, labels, losses = [], [], []
+    for batch in data.eval_batches:
+      valid = batch["valid"]
+      pred, loss = predict(base, lora, head, {k: v for k, v in batch.items() if k != "valid"})
+      predictions.append(np.asarray(pred)[valid])
+      losses.append(np.asarray(loss)[valid])
+      labels.append(batch["labels"][valid])
+    result = metrics.classification_metrics(np.concatenate(predictions), np.concatenate(labels), data.num_labels)
+    result["loss"] = float(np.concatenate(losses).mean())
+    return result
+
+  return evaluate, predict
+
+
+CLASSIFICATION = Workload(_load_classifier, models.make_apply, client.softmax_cross_entropy, _classification_evaluator)
+
+
+# ----- causal-LM instruction tuning -----
+
+def token_losses(logits, batch):
+  """Next-token cross-entropy per position [B, L-1] and its mask (1 on response tokens)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
+  return ce, batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def response_loss(logits, batch):
+  """Mean cross-entropy over the batch's response tokens only."""
+  ce, mask = token_losses(logits, batch)
+  return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _load_causal_lm(config, data) -> models.Model:
+  return causal_lm.load_causal_lm(config.model.name, dtype_of(config.model.dtype))
+
+
+def _lm_evaluator(config, model, data, apply_fn, scale: float):
+  d = config.data
+  pad_id = pad_token_id(model.tokenizer) if model.tokenizer is not None else 0
+  eos_id = model.tokenizer.eos_token_id if model.tokenizer is not None else model.hf_config.eos_token_id
+  generate = generation.make_generate(model, scale, d.max_new_tokens, eos_id, pad_id)
+
+  @jax.jit
+  def losses(base, lora, head, batch):
+    params = lora_lib.join_trees(base, head)
+    with lora_lib.interceptor(lora, scale):
+      logits = apply_fn(params, batch, None, deterministic=True)
+    ce, mask = token_losses(logits, batch)
+    return (ce * mask).sum(-1), mask.sum(-1)
+
+  def evaluate(base, lora, head) -> dict:
+    total, count = 0.0, 0.0
+    for batch in data.eval_batches:
+      valid = batch["valid"]
+      sums, counts = losses(base, lora, head, {k: v for k, v in batch.items() if k != "valid"})
+      total += float(np.asarray(sums, np.float64)[valid].sum())
+      count += float(np.asarray(counts, np.float64)[valid].sum())
+    loss = total / max(count, 1.0)
+    result = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+    if data.prompt_batches:
+      texts = generate_texts(base, lora, head)
+      result["exact_match"] = instructions.exact_match(texts, data.references, d.answer_format)
+      result["answered"] = float(np.mean([bool(instructions.extract_answer(t, d.answer_format)) for t in texts]))
+    return result
+
+  def generate_texts(base, lora, head) -> list[str]:
+    params = lora_lib.join_trees(base, head)
+    texts = [""] * len(data.references)
+    for batch in data.prompt_batches:
+      tokens = generate(params, lora, batch["input_ids"], batch["attention_mask"])
+      for row, text in zip(batch["rows"], generation.decode(model.tokenizer, tokens, eos_id)):
+        texts[row] = text
+    return texts
+
+  evaluate.generate_texts = generate_texts
+  return evaluate, None
+
+
+CAUSAL_LM = Workload(_load_causal_lm, causal_lm.make_apply, response_loss, _lm_evaluator)
+
+
+def for_config(config) -> Workload:
+  return CAUSAL_LM if config.data.kind == "instruction" else CLASSIFICATION
