@@ -40,3 +40,30 @@ def variant(c, arg):
   if arg == "official":
     return official(c)
   raise ValueError(f"Unknown config variant {arg!r}; use ':official' or none.")
+
+
+LLAMA_TARGETS = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$")
+GPT2_TARGETS = (r"c_attn$", r"attn/c_proj$", r"c_fc$", r"mlp/c_proj$")
+
+
+def paper_nlg(*, source: str, path: str, clients: int, per_round: int, rank: int, lr: float, rounds: int,
+              partition: str = "iid", natural_field: str = "", **fields):
+  """REFERENCE.md's NLG setup: a Llama-2-7B base (override config.model.name), LoRA on q/k/v/o and
+  MLP projections, cosine schedule, 10 local steps of batch 16 at 512 tokens (OpenFedLLM's defaults),
+  alpha = 2r. `fields` set config.data.* (field names of the records)."""
+  c = default.get_config()
+  c.model.name = "meta-llama/Llama-2-7b-hf"
+  d = c.data
+  d.kind, d.source, d.path, d.eval_split, d.eval_fraction = "instruction", source, path, "", 0.01
+  d.metric, d.max_length, d.max_eval_examples = "perplexity", 512, 1000
+  for name, value in fields.items():
+    d[name] = value
+  c.fl.partition, c.fl.natural_field = partition, natural_field
+  c.fl.num_clients, c.fl.clients_per_round = clients, per_round
+  if partition == "natural":
+    c.fl.natural_largest = clients
+  c.fl.rounds, c.fl.local_steps = rounds, 10
+  c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = rank, 2.0 * rank, 0.05, LLAMA_TARGETS
+  c.optim.lr, c.optim.batch_size, c.optim.weight_decay = lr, 16, 0.0
+  c.eval_every, c.eval_batch_size, c.checkpoint_every = 10, 8, 10
+  return c

@@ -47,8 +47,16 @@ def identity(config) -> dict:
 
 
 def check_compatible(saved: dict, config) -> None:
+  """Refuse to resume under settings that change what the run computes.
+
+  A field missing from the saved identity was added to the project after the run
+  started; it matches when it still has its default (defaults keep the old behaviour).
+  """
+  from frlora_jax import defaults
   current = identity(config)
-  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  default = identity(defaults.get_config())
+  changed = sorted(k for k in set(saved) | set(current)
+                   if saved.get(k, default.get(k)) != current.get(k))
   if changed:
     details = "; ".join(f"config.{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed[:6])
     raise ValueError(f"Refusing to resume: this workdir holds a different experiment ({details}). "

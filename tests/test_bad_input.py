@@ -52,3 +52,24 @@ def test_bad_jsonl_line(make_config, tmp_path):
   path.write_text(json.dumps({"text": "good film", "label": 1}) + "\n{not json\n")
   with pytest.raises(ValueError, match="line 2 is not JSON"):
     experiment.build(make_config(**{"data.source": "jsonl", "data.path": str(path)}))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fl.partition": "dirichlet"}, r"config.fl.partition='dirichlet' needs class labels"),
+    ({"data.metric": "accuracy"}, r"config.data.metric='accuracy' is a classification metric"),
+    ({"data.answer_format": "none"}, r"'exact_match' needs config.data.answer_format"),
+    ({"data.answer_format": "roman"}, r"config.data.answer_format='roman' is unknown"),
+    ({"data.messages_field": ""}, r"needs config.data.messages_field, or"),
+    ({"data.response_field": "answer"}, r"column\(s\) \['answer'\] are not in"),
+    ({"data.max_length": 16}, r"No training record fits config.data.max_length=16"),
+    ({"fl.natural_field": "country"}, r"config.fl.natural_field='country' is not a column"),
+    ({"data.kind": "chat"}, r"config.data.kind='chat' is unknown"),
+])
+def test_bad_instruction_config_is_refused_with_the_field(make_lm_config, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    experiment.build(make_lm_config(**overrides))
+
+
+def test_encoder_checkpoint_for_instruction_data_is_refused(make_lm_config, tiny_model_dir):
+  with pytest.raises(ValueError, match=r"is a 'bert' model; causal LM training supports"):
+    experiment.build(make_lm_config(**{"model.name": tiny_model_dir}))

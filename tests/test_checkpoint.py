@@ -131,3 +131,14 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path
   redone = experiment.run(config, str(tmp_path))
   assert [r["round"] for r in redone] == [3]
   assert _records(tmp_path) == full
+
+
+def test_a_field_added_after_the_run_started_resumes_only_at_its_default(make_config):
+  """Runs saved before a config field existed resume if the field keeps its default."""
+  config = make_config()
+  saved = checkpoint.identity(config)
+  del saved["fl.natural_largest"]  # as saved by a version without this field
+  checkpoint.check_compatible(saved, config)
+  config.fl.natural_largest = 3
+  with pytest.raises(ValueError, match=r"config\.fl\.natural_largest: saved None, now 3"):
+    checkpoint.check_compatible(saved, config)

@@ -138,7 +138,7 @@ def partition_clients(train: Examples, fl, seed: int) -> tuple[list[np.ndarray],
     if fl.natural_field not in train.columns:
       raise ValueError(f"config.fl.natural_field={fl.natural_field!r} is not a column of the training data "
                        f"(it has {sorted(train.columns)}).")
-    return partition.natural(train.columns[fl.natural_field], fl.num_clients)
+    return partition.natural(train.columns[fl.natural_field], fl.num_clients, fl.natural_largest)
   else:
     raise ValueError(f"config.fl.partition={fl.partition!r} is unknown; use one of {PARTITIONS}.")
   return parts, list(range(len(parts)))

@@ -39,10 +39,17 @@ def dirichlet(labels, num_clients: int, beta: float, seed: int, min_size: int = 
                    f"{max_tries} Dirichlet(beta={beta}) draws; use fewer clients or a larger beta.")
 
 
-def natural(groups, num_clients: int = 0) -> tuple[list[np.ndarray], list]:
-  """One client per distinct value of a column (language, user id), in sorted order."""
+def natural(groups, num_clients: int = 0, largest: int = 0) -> tuple[list[np.ndarray], list]:
+  """One client per distinct value of a column (language, user id), in sorted order.
+
+  largest > 0 keeps only the `largest` groups with the most examples (ties by name),
+  as FedLLM-Bench does when it keeps the most active users; the rest is dropped.
+  """
   groups = np.asarray(groups, dtype=object)
   keys = sorted(set(groups.tolist()), key=str)
+  if largest:
+    sizes = {k: int(np.sum(groups == k)) for k in keys}
+    keys = sorted(sorted(keys, key=lambda k: (-sizes[k], str(k)))[:largest], key=str)
   if num_clients and num_clients != len(keys):
     raise ValueError(f"config.fl.num_clients={num_clients} but the natural partition has {len(keys)} groups; "
                      f"set config.fl.num_clients={len(keys)} (or 0 to take the data's count).")

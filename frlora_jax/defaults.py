@@ -1,0 +1,94 @@
+"""Defaults every task config starts from. Field names here are the public interface.
+
+A field added later must default to the behaviour from before it existed: resuming a run
+saved before the field was added relies on that (see checkpoint.check_compatible).
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.eval_every = 1
+  c.eval_before_training = False  # also evaluate the initial model (logged as round 0)
+  c.eval_batch_size = 64
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "roberta-base"   # hub id, local dir, or pypi:<pkg>==<ver>/<dir in wheel>
+  c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "classification"  # classification (encoder + head) | instruction (causal LM)
+  c.data.task = "custom"          # a name in frlora_jax.data.TASKS fills the fields below
+  c.data.source = "csv"           # hub | disk | csv | jsonl | pypi
+  c.data.path = ""
+  c.data.name = ""                # dataset config name for hub sources (e.g. GLUE subset)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.eval_path = ""           # separate eval file for csv/jsonl sources
+  c.data.eval_fraction = 0.1      # seeded hold-out when there is no eval split or file
+  c.data.text_fields = ("text",)
+  c.data.label_field = "label"
+  c.data.label_names = ()         # string labels in class order; empty: integer labels
+  c.data.num_labels = 0           # 0: from label_names or the data
+  c.data.drop_labels = ()
+  c.data.metric = "accuracy"      # accuracy | mcc | macro_f1: the headline metric
+  c.data.max_length = 256
+  c.data.max_train_examples = 0   # 0: all (a seeded subsample otherwise)
+  c.data.max_eval_examples = 0
+  # Instruction data (data.kind = "instruction"): a messages column, or instruction/input/response.
+  c.data.messages_field = ""      # list of {role, content} or ShareGPT {from, value}
+  c.data.instruction_field = ""
+  c.data.input_field = ""         # optional extra context appended to the instruction
+  c.data.response_field = ""      # the assistant's answer (appended after messages_field if both)
+  c.data.reference_field = ""     # reference for exact match (default: the response)
+  c.data.template = "auto"        # auto (chat template if the tokenizer has one) | chat | alpaca
+  c.data.answer_format = "none"   # none | letter | number: what exact match compares
+  c.data.max_new_tokens = 16      # greedy generation length for exact match
+  c.data.max_generate_examples = 0  # 0: generate for every eval example
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.algorithm = "frlora"
+  c.fl.num_clients = 5
+  c.fl.clients_per_round = 0      # 0: all clients every round
+  c.fl.rounds = 200
+  c.fl.local_steps = 10
+  c.fl.partition = "dirichlet"    # iid | dirichlet | natural
+  c.fl.dirichlet_beta = 0.5
+  c.fl.natural_field = ""
+  c.fl.natural_largest = 0        # natural partition: keep only the N groups with most examples (0: all)
+  c.fl.executor = "auto"          # auto | vmap | map | loop
+  c.fl.clients_per_chunk = 0      # vmap at most this many clients at once (0: all)
+  c.fl.shard_clients = "auto"     # auto (when >1 device) | on | off: split clients over local devices
+  c.fl.aggregation = "factors"    # FRLoRA: factors | product
+  c.fl.weighting = "data_size"    # data_size | uniform
+  c.fl.keep_optimizer_state = False  # the published code keeps each client's AdamW across rounds
+  c.fl.prox_mu = 0.01            # FedProx
+  c.fl.server_lr = 1e-3           # FedAdagrad / FedYogi / FedAdam server step (eta, REFERENCE.md)
+  c.fl.fedavgm_lr = 1.0           # FedAvgM server step
+  c.fl.server_momentum = 0.9      # FedAvgM
+  c.fl.server_beta1 = 0.9         # FedOpt (Reddi et al.)
+  c.fl.server_beta2 = 0.99
+  c.fl.server_tau = 1e-3
+  c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.dropout = 0.05
+  c.lora.targets = ("query", "value")  # regexes on module paths
+  c.lora.init = "auto"            # auto (the algorithm's own) | kaiming | pissa
+  c.lora.freeze_a = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.head_lr = 0.0           # 0: same as lr
+  c.optim.batch_size = 64
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_ratio = 0.03
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  return c
