@@ -26,12 +26,12 @@ def get_config(arg=None):
   d = c.data
   d.kind, d.source, d.path, d.eval_split, d.eval_fraction = "instruction", "pypi", EXAMS, "", 0.05
   d.messages_field, d.response_field = "input", "ideal"   # system + user turns; the answer "[X]"
-  d.metric, d.answer_format, d.max_new_tokens = "exact_match", "letter", 32
-  d.max_length = 256                  # keeps ~85% of the questions; longer ones are left out
-  d.max_train_examples, d.max_eval_examples = 4000, 160
+  d.metric, d.answer_format, d.max_new_tokens = "exact_match", "letter", 16
+  d.max_length = 192                  # keeps ~60% of the questions; longer ones are left out
+  d.max_train_examples, d.max_eval_examples = 4000, 200
   c.fl.partition, c.fl.natural_field, c.fl.num_clients = "natural", "group", 16
-  c.fl.clients_per_round, c.fl.rounds, c.fl.local_steps = 4, 6, 4
+  c.fl.clients_per_round, c.fl.rounds, c.fl.local_steps = 4, 5, 4
   c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, common.LLAMA_TARGETS
   c.optim.lr, c.optim.batch_size = 5e-4, 4
-  c.eval_before_training, c.eval_every, c.eval_batch_size, c.checkpoint_every = True, 6, 16, 3
+  c.eval_before_training, c.eval_every, c.eval_batch_size, c.checkpoint_every = True, 5, 16, 5
   return c
