@@ -62,19 +62,23 @@ def write_results(rows: list[dict], target: float, metric: str, title: str, fold
     writer.writeheader()
     writer.writerows(rows)
   lines = [f"### {title}", "",
-           f"| algorithm | final {metric} | best {metric} | rounds to {metric} >= {target:.3f} |",
-           "|---|---|---|---|"]
+           f"| algorithm | seeds | final {metric} | best {metric} | rounds to {metric} >= {target:.3f} |",
+           "|---|---|---|---|---|"]
   for r in rows:
     reach = (f"{r['rounds_to_target_mean']:.1f} ({r['seeds_reaching_target']}/{r['seeds']} seeds)"
              if r["seeds_reaching_target"] else f"not reached (0/{r['seeds']})")
-    lines.append(f"| {r['algorithm']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
+    lines.append(f"| {r['algorithm']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
                  f"{r['best_mean']:.4f} ± {r['best_std']:.4f} | {reach} |")
   with open(os.path.join(folder, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n\nmean ± sample std over seeds.\n")
 
 
-def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, target: float | None = None):
-  """Run every (algorithm, seed) and write the summary; returns the summary rows."""
+def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, target: float | None = None,
+            report_only: bool = False):
+  """Run every (algorithm, seed) and write the summary; returns the summary rows.
+
+  report_only: run nothing; tabulate the runs already finished (all `rounds` logged).
+  """
   from frlora_jax import experiment, plots, run_log
   curves = {}
   for name in algorithm_names:
@@ -83,10 +87,17 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
       run_config = config.copy_and_resolve_references()
       run_config.fl.algorithm, run_config.seed = name, seed
       run_dir = os.path.join(workdir, name, f"seed{seed}")
-      print(f"== {name} seed {seed} -> {run_dir}", flush=True)
-      experiment.run(run_config, run_dir)
-      curves[name].append(eval_curve(run_log.read_metrics(os.path.join(run_dir, "metrics.jsonl")),
-                                     config.data.metric))
+      if not report_only:
+        print(f"== {name} seed {seed} -> {run_dir}", flush=True)
+        experiment.run(run_config, run_dir)
+      records = run_log.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+      if report_only and not any(r["round"] == config.fl.rounds for r in records):
+        continue
+      curves[name].append(eval_curve(records, config.data.metric))
+    if not curves[name]:
+      del curves[name]
+  if not curves:
+    raise ValueError(f"No finished run under {workdir}; run without --report_only first.")
   rows, target = summarise(curves, target)
   title = (f"{config.data.task} | {config.model.name} | {config.fl.num_clients} clients, "
            f"{config.fl.partition}" + (f"({config.fl.dirichlet_beta})" if config.fl.partition == "dirichlet" else "")
@@ -104,6 +115,7 @@ def cli():
   seeds = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
   workdir = flags.DEFINE_string("workdir", None, "Where runs and results go.")
   target = flags.DEFINE_float("target", None, "Eval metric to reach; default 95% of the best mean final value.")
+  report_only = flags.DEFINE_bool("report_only", False, "Run nothing; tabulate the finished runs in --workdir.")
 
   def main(argv):
     del argv
@@ -114,7 +126,8 @@ def cli():
       raise app.UsageError("--config and --workdir are required.")
     os.makedirs(workdir.value, exist_ok=True)
     seed_list = [int(s) for s in seeds.value.split(",") if s.strip()]
-    compare(config.value, parse_algorithms(algorithm_names.value), seed_list, workdir.value, target.value)
+    compare(config.value, parse_algorithms(algorithm_names.value), seed_list, workdir.value, target.value,
+            report_only.value)
     print(open(os.path.join(workdir.value, "results.md")).read())
 
   app.run(main)

@@ -21,6 +21,11 @@ def test_compare_tables_every_algorithm_and_seed(make_config, tmp_path):
   assert "| frlora |" in table and "| fedavg |" in table
   assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 2
   assert (tmp_path / "curves.png").stat().st_size > 1000
+  # --report_only tabulates finished runs without running anything (seed 2 was never run).
+  again = compare.compare(config, ["frlora", "fedavg", "scaffold"], [0, 1, 2], str(tmp_path), report_only=True)
+  assert [(r["algorithm"], r["seeds"]) for r in again] == [("frlora", 2), ("fedavg", 2)]
+  assert again[0]["final_mean"] == rows[0]["final_mean"]
+  assert not (tmp_path / "scaffold").exists()
 
 
 def test_rounds_to_reach_and_algorithm_names():
