@@ -123,7 +123,6 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
         texts[row] = text
     return texts
 
-  evaluate.generate_texts = generate_texts
   return evaluate, None
 
 

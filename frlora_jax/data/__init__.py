@@ -88,28 +88,35 @@ def _subsample(columns: dict, limit: int, seed: int) -> dict:
   return _take(columns, np.sort(np.random.default_rng(seed).permutation(n)[:limit]))
 
 
-def load_splits(d, seed: int) -> tuple[dict, dict]:
-  """Raw (train, eval) columns: a named eval split, a separate eval file, or a seeded fraction."""
+def load_splits(d, seed: int, prepare=lambda columns: columns) -> tuple[dict, dict]:
+  """Raw (train, eval) columns: a named eval split, a separate eval file, or a seeded fraction.
+
+  `prepare` runs on the training columns before a fraction is held out of them.
+  """
   train = sources.load(d.source, d.path, name=d.name, split=d.train_split)
   if d.eval_path:
-    eval_ = sources.load(d.source, d.eval_path, name=d.name, split=d.eval_split or "validation")
-  elif d.source in ("hub", "disk") and d.eval_split:
-    eval_ = sources.load(d.source, d.path, name=d.name, split=d.eval_split)
-  else:
-    if not 0.0 < d.eval_fraction < 1.0:
-      raise ValueError(f"config.data.eval_fraction={d.eval_fraction} must be in (0, 1) when no eval file is given.")
-    _check_fields(train, d, d.path)
-    train = _drop_rows(train, d)
-    n = len(train[d.label_field])
-    order = np.random.default_rng(seed + 7919).permutation(n)
-    n_eval = max(1, int(round(d.eval_fraction * n)))
-    eval_, train = _take(train, np.sort(order[:n_eval])), _take(train, np.sort(order[n_eval:]))
-  return train, eval_
+    return train, sources.load(d.source, d.eval_path, name=d.name, split=d.eval_split or "validation")
+  if d.source in ("hub", "disk") and d.eval_split:
+    return train, sources.load(d.source, d.path, name=d.name, split=d.eval_split)
+  if not 0.0 < d.eval_fraction < 1.0:
+    raise ValueError(f"config.data.eval_fraction={d.eval_fraction} must be in (0, 1) when no eval file is given.")
+  train = prepare(train)
+  n = len(next(iter(train.values())))
+  order = np.random.default_rng(seed + 7919).permutation(n)
+  n_eval = max(1, int(round(d.eval_fraction * n)))
+  return _take(train, np.sort(order[n_eval:])), _take(train, np.sort(order[:n_eval]))
+
+
+def _checked_and_dropped(d):
+  def prepare(columns):
+    _check_fields(columns, d, d.path)
+    return _drop_rows(columns, d)
+  return prepare
 
 
 def load_examples(d, seed: int) -> tuple[Examples, Examples, tuple, int]:
   """Checked train/eval examples, label names and number of labels."""
-  train_cols, eval_cols = load_splits(d, seed)
+  train_cols, eval_cols = load_splits(d, seed, _checked_and_dropped(d))
   for cols, where in ((train_cols, f"{d.path} (train)"), (eval_cols, f"{d.path} (eval)")):
     _check_fields(cols, d, where)
   train_cols, eval_cols = _drop_rows(train_cols, d), _drop_rows(eval_cols, d)
@@ -161,16 +168,7 @@ def pad_token_id(tokenizer) -> int:
 def load_instruction_columns(d, seed: int) -> tuple[dict, dict]:
   """Raw train/eval columns of an instruction dataset, with the configured fields checked."""
   needed = [f for f in (d.messages_field, d.instruction_field, d.input_field, d.response_field, d.reference_field) if f]
-  train = sources.load(d.source, d.path, name=d.name, split=d.train_split)
-  if d.eval_path:
-    eval_ = sources.load(d.source, d.eval_path, name=d.name, split=d.eval_split or "validation")
-  elif d.source in ("hub", "disk") and d.eval_split:
-    eval_ = sources.load(d.source, d.path, name=d.name, split=d.eval_split)
-  else:
-    n = len(next(iter(train.values())))
-    order = np.random.default_rng(seed + 7919).permutation(n)
-    n_eval = max(1, int(round(d.eval_fraction * n)))
-    eval_, train = _take(train, np.sort(order[:n_eval])), _take(train, np.sort(order[n_eval:]))
+  train, eval_ = load_splits(d, seed)
   for cols, where in ((train, f"{d.path} (train)"), (eval_, f"{d.path} (eval)")):
     missing = [f for f in needed if f not in cols]
     if missing:

@@ -50,16 +50,22 @@ def train_arrays(encoded, labels, max_length: int, pad_id: int) -> dict[str, np.
   return arrays
 
 
+def length_sorted_batches(sizes, batch_size: int, max_length: int):
+  """Yield (rows, padded rows, bucket length) over rows sorted by size, in batches of exactly
+  batch_size: the last batch repeats its first row, and rows are the real ones."""
+  sizes = np.asarray(sizes)
+  order = np.argsort(sizes, kind="stable")
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+    yield rows, padded, bucket_length(int(sizes[rows].max()), max_length)
+
+
 def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
   """Length-sorted batches of exactly batch_size rows; `valid` marks the real ones."""
-  n = len(labels)
-  order = np.argsort(lengths(encoded), kind="stable")
   labels = np.asarray(labels, np.int32)
   batches = []
-  for start in range(0, n, batch_size):
-    rows = order[start:start + batch_size]
-    length = bucket_length(int(lengths({"input_ids": [encoded["input_ids"][r] for r in rows]}).max()), max_length)
-    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+  for rows, padded, length in length_sorted_batches(lengths(encoded), batch_size, max_length):
     batch = pad_rows(encoded, padded, length, pad_id)
     batch["labels"] = labels[padded]
     batch["valid"] = np.arange(batch_size) < len(rows)
@@ -81,12 +87,8 @@ def lm_arrays(ids: list[list[int]], loss_mask: list[list[int]], length: int, pad
 
 def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
   """Length-sorted, bucket-padded batches of exactly batch_size rows; `valid` marks the real ones."""
-  order = np.argsort([len(s) for s in ids], kind="stable")
   batches = []
-  for start in range(0, len(ids), batch_size):
-    rows = order[start:start + batch_size]
-    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
-    length = bucket_length(max(len(ids[r]) for r in rows), max_length)
+  for rows, padded, length in length_sorted_batches([len(s) for s in ids], batch_size, max_length):
     batch = lm_arrays([ids[r] for r in padded], [loss_mask[r] for r in padded], length, pad_id)
     batch["valid"] = np.arange(batch_size) < len(rows)
     batches.append(batch)
@@ -95,12 +97,8 @@ def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: in
 
 def prompt_batches(prompts: list[list[int]], batch_size: int, max_length: int, pad_id: int) -> list[dict]:
   """Left-padded prompt batches (generation appends on the right); `rows` are indices into `prompts`."""
-  order = np.argsort([len(p) for p in prompts], kind="stable")
   batches = []
-  for start in range(0, len(prompts), batch_size):
-    rows = order[start:start + batch_size]
-    padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
-    length = bucket_length(max(len(prompts[r]) for r in rows), max_length)
+  for rows, padded, length in length_sorted_batches([len(p) for p in prompts], batch_size, max_length):
     ids = np.full((batch_size, length), pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for i, r in enumerate(padded):
