@@ -41,6 +41,8 @@ def parse_args(argv=None):
   p.add_argument("--executor", choices=["auto", "vmap", "map", "loop"], default="auto")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--algorithm", default="frlora")
+  p.add_argument("--dropout_bits", type=int, choices=[8, 16, 32], default=32,
+                 help="random bits per dropout draw (config.model.dropout_bits)")
   return p.parse_args(argv)
 
 
@@ -59,6 +61,7 @@ def benchmark_config(args):
   import default
   c = default.get_config()
   c.model.name, c.model.dtype = f"random:{args.arch}", args.dtype
+  c.model.dropout_bits = args.dropout_bits
   c.data.path, c.data.max_length = "synthetic", args.seq
   c.fl.algorithm, c.fl.num_clients, c.fl.local_steps = args.algorithm, args.clients, args.steps
   c.fl.rounds, c.fl.executor, c.fl.partition = args.rounds + 1, args.executor, "iid"
@@ -123,6 +126,7 @@ def run(args) -> dict:
   return {
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
+      "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,
       "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
       "round_s_median": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from frlora_jax import dropout as dropout_lib
 from frlora_jax import lora as lora_lib
 from frlora_jax import optim
 
@@ -50,7 +51,7 @@ def softmax_cross_entropy(logits, batch):
 
 def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, rates, local_steps: int,
                       batch_size: int, lora_scale: float, lora_dropout: float, warmup_ratio: float,
-                      task_loss: Callable = softmax_cross_entropy,
+                      task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
                       regularizer: Optional[Callable] = None,
                       grad_correction: Optional[Callable] = None,
                       on_client_done: Optional[Callable[[], None]] = None) -> Callable:
@@ -58,13 +59,15 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, r
 
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
   grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD);
-  on_client_done() is called on the host as each client finishes (progress bars).
+  on_client_done() is called on the host as each client finishes (progress bars);
+  dropout_bits picks the dropout masks' random bits per element (see dropout.py).
   """
 
   def loss_fn(trainable, base, batch, rng, client):
     k_model, k_lora = jax.random.split(rng)
     params = lora_lib.join_trees(base, trainable["head"])
-    with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora):
+    with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora, dropout_bits), \
+        dropout_lib.interceptor(dropout_bits):
       logits = apply_fn(params, batch, k_model, deterministic=False)
     loss = task_loss(logits, batch)
     if regularizer is not None:

@@ -1,7 +1,7 @@
 """Checks of a config that need no data or model: they run before any work is done."""
 from __future__ import annotations
 
-from frlora_jax import algorithms, client
+from frlora_jax import algorithms, client, dropout
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
 from frlora_jax.data.tasks import LM_METRICS
 
@@ -34,6 +34,7 @@ def check(config) -> None:
   _one_of(d.metric, METRICS, "config.data.metric")
   _one_of(lo.init, LORA_INITS, "config.lora.init")
   _one_of(config.model.dtype, DTYPES, "config.model.dtype")
+  _one_of(config.model.dropout_bits, dropout.BITS, "config.model.dropout_bits")
   _one_of(d.kind, ("classification", "instruction"), "config.data.kind")
   if d.kind == "instruction":
     check_instruction(config)

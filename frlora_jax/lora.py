@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from frlora_jax import dropout as dropout_lib
+
 Path = tuple[str, ...]
 
 
@@ -118,12 +120,13 @@ def _path_seed(path: Path) -> int:
   return zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF
 
 
-def interceptor(lora, scale: float, dropout: float = 0.0, rng=None):
+def interceptor(lora, scale: float, dropout: float = 0.0, rng=None, dropout_bits: int = 32):
   """A context manager that adds s * (dropout(x) @ A) @ B to targeted modules' outputs.
 
   Modules are matched by their scope path, which equals their path in the
   params tree. Dropout is applied to the LoRA branch only (PEFT's lora_dropout),
-  with a key derived from `rng` and the module path.
+  with a key derived from `rng` and the module path (`dropout_lib.dropout` at
+  `dropout_bits`).
   """
   entries = lora_entries(lora)
 
@@ -136,9 +139,8 @@ def interceptor(lora, scale: float, dropout: float = 0.0, rng=None):
       return out
     x = args[0]
     if dropout > 0.0 and rng is not None:
-      keep = jax.random.bernoulli(jax.random.fold_in(rng, _path_seed(tuple(context.module.scope.path))),
-                                  1.0 - dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
+      key = jax.random.fold_in(rng, _path_seed(tuple(context.module.scope.path)))
+      x = dropout_lib.dropout(x, dropout, key, dropout_bits)
     a = entry["a"].astype(x.dtype)
     b = entry["b"].astype(x.dtype)
     return out + (scale * ((x @ a) @ b)).astype(out.dtype)

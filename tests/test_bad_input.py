@@ -22,6 +22,7 @@ from frlora_jax import experiment
     ({"lora.targets": ("nothing_here",)}, r"config.lora.targets=\('nothing_here',\) match no 2-D kernel"),
     ({"fl.aggregation": "median"}, r"config.fl.aggregation='median' is unknown"),
     ({"lora.dropout": 1.5}, r"config.lora.dropout=1.5 must be in"),
+    ({"model.dropout_bits": 12}, r"config.model.dropout_bits=12 is unknown; use one of 8, 16, 32"),
 ])
 def test_bad_config_is_refused_with_the_field(make_config, overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -91,3 +91,16 @@ def test_bfloat16_compute_keeps_float32_master_params(make_config):
   exp32 = experiment.build(make_config())
   _, record32 = experiment.run_round(exp32, exp32.init_state(), 0)
   assert record["client_losses"] != record32["client_losses"]
+
+
+def test_dropout_bits_reach_the_client_steps(make_config):
+  """config.model.dropout_bits changes the dropout masks a round trains with, nothing else."""
+  losses = {}
+  for bits in (32, 8):
+    exp = experiment.build(make_config(**{"model.dropout_bits": bits, "lora.dropout": 0.1}))
+    _, record = experiment.run_round(exp, exp.init_state(), 0)
+    assert np.isfinite(record["train_loss"])
+    losses[bits] = record["client_losses"]
+  default = experiment.build(make_config(**{"lora.dropout": 0.1}))
+  assert experiment.run_round(default, default.init_state(), 0)[1]["client_losses"] == losses[32]
+  assert losses[8] != losses[32]
