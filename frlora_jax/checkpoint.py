@@ -6,7 +6,8 @@ counts, the round index) and the metrics records so far. RNG keys and client
 sampling are functions of (seed, round), so they need no saving. Orbax writes
 each step into a temporary folder and renames it when complete, so a save cut
 off mid-write is never picked up; a complete checkpoint that fails to restore
-(corrupted on disk) is skipped for the one before it. Saves run asynchronously
+(corrupted on disk) is skipped for the one before it; if none restores, the run
+stops rather than start over on top of its own log. Saves run asynchronously
 beside the next round.
 """
 from __future__ import annotations
@@ -81,17 +82,27 @@ class Checkpointer:
     run_log.write_atomic(id_path, json.dumps(identity(config), indent=1, sort_keys=True) + "\n")
 
   def restore_latest(self, template) -> tuple[Any, list[dict]]:
-    """(state, metrics records) of the newest checkpoint that restores, or (template, [])."""
+    """(state, metrics records) of the newest checkpoint that restores, or (template, []) if none exist.
+
+    Checkpoints that exist but none of which restores (all damaged, or written by
+    an incompatible version) stop the run: starting over would overwrite its log.
+    """
+    failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)),
             metrics=ocp.args.JsonRestore()))
       except Exception as e:  # corrupted on disk: fall back to the previous checkpoint
+        failures.append(f"step {step}: {str(e).splitlines()[0][:200]}")
         logging.warning("Checkpoint %d in %s does not restore (%s); trying the one before.", step,
-                        self.directory, str(e).splitlines()[0][:200])
+                        self.directory, failures[-1])
         continue
       return flax.serialization.from_state_dict(template, restored.state), list(restored.metrics)
+    if failures:
+      raise RuntimeError(f"No checkpoint in {self.directory} restores ({'; '.join(failures)}). Nothing was "
+                         f"changed. To start this run over, move that folder and metrics.jsonl away; to keep it, "
+                         f"resume with the frlora_jax version that wrote it.")
     return template, []
 
   def maybe_save(self, state, step: int, metrics: list[dict], force: bool = False) -> None:

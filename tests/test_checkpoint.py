@@ -142,3 +142,19 @@ def test_a_field_added_after_the_run_started_resumes_only_at_its_default(make_co
   config.fl.natural_largest = 3
   with pytest.raises(ValueError, match=r"config\.fl\.natural_largest: saved None, now 3"):
     checkpoint.check_compatible(saved, config)
+
+
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(make_config, tmp_path):
+  config = make_config(**{"fl.rounds": 2, "keep_checkpoints": 2})
+  experiment.run(config, str(tmp_path))
+  log = (tmp_path / "metrics.jsonl").read_text()
+  for step in ("1", "2"):  # every checkpoint damaged (or written by an incompatible version)
+    for folder, _, files in os.walk(tmp_path / "checkpoints" / step / "state"):
+      for name in files:
+        if not name.endswith(".txt"):
+          with open(os.path.join(folder, name), "r+b") as f:
+            f.write(b"\xff" * 64)
+  config.fl.rounds = 3
+  with pytest.raises(RuntimeError, match=r"No checkpoint in .*checkpoints restores \(step 2: .*step 1: .*Nothing was changed"):
+    experiment.run(config, str(tmp_path))
+  assert (tmp_path / "metrics.jsonl").read_text() == log
