@@ -89,6 +89,23 @@ def pissa_factors(kernel: jax.Array, rank: int, scale: float):
   return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
 
 
+def factors_of_weighted_sum(a_k: jax.Array, b_k: jax.Array, weights: jax.Array, rank: int):
+  """A [in, rank], B [rank, out] with A @ B = the rank-`rank` SVD of sum_k w_k A_k @ B_k, split evenly.
+
+  Why not SVD the sum: it has rank <= K*r, so QR of the stacked factors leaves an SVD
+  of a (K*r)x(K*r) matrix; the [in, out] sum is never formed (for an LLM, 160x160
+  instead of 4096x4096 per target). a_k: [K, in, r]; b_k: [K, r, out]; weights: [K].
+  """
+  k, n_in, r = a_k.shape
+  stacked_a = jnp.transpose(a_k * weights[:, None, None], (1, 0, 2)).reshape(n_in, k * r)
+  stacked_b = b_k.reshape(k * r, -1)
+  q_a, r_a = jnp.linalg.qr(stacked_a)
+  q_b, r_b = jnp.linalg.qr(stacked_b.T)
+  u, s, vt = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  return (q_a @ u[:, :rank]) * root[None, :], root[:, None] * (vt[:rank] @ q_b.T)
+
+
 def init_pissa(params, targets: dict[Path, tuple[int, int]], rank: int, scale: float):
   """PiSSA init: LoRA = top-r singular part of W0, base = residual W0 - s*A0@B0.
 

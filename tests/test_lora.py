@@ -65,3 +65,18 @@ def test_rank_larger_than_target_is_refused(tiny):
   model, _, _ = tiny
   with pytest.raises(ValueError, match="config.lora.rank=64 is larger"):
     lora.check_rank(lora.find_targets(model.params, ["query"]), 64)
+
+
+@pytest.mark.parametrize("clients, n_in, n_out, r", [(5, 48, 40, 4), (6, 16, 20, 4)])  # K*r below and above in
+def test_factors_of_weighted_sum_is_its_truncated_svd(clients, n_in, n_out, r):
+  rng = np.random.default_rng(0)
+  a_k = rng.normal(size=(clients, n_in, r)).astype(np.float32)
+  b_k = rng.normal(size=(clients, r, n_out)).astype(np.float32)
+  w = rng.dirichlet(np.ones(clients)).astype(np.float32)
+  a, b = (np.asarray(x) for x in lora.factors_of_weighted_sum(jnp.asarray(a_k), jnp.asarray(b_k), jnp.asarray(w), r))
+  total = np.einsum("k,kir,kro->io", w, a_k, b_k)
+  u, s, vt = np.linalg.svd(total)
+  assert a.shape == (n_in, r) and b.shape == (r, n_out)
+  np.testing.assert_allclose(a @ b, (u[:, :r] * s[:r]) @ vt[:r], atol=2e-4 * s[0])
+  np.testing.assert_allclose(a.T @ a, np.diag(s[:r]), atol=2e-4 * s[0])  # split evenly: A^T A = B B^T = S_r
+  np.testing.assert_allclose(b @ b.T, np.diag(s[:r]), atol=2e-4 * s[0])
