@@ -33,18 +33,23 @@ def run_curves(records: list[dict], path: str) -> None:
 
 def comparison_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], metric: str, title: str,
                       path: str) -> None:
-  """curves: algorithm -> [(rounds, values) per seed]; mean line, shaded min..max over seeds."""
+  """curves: algorithm -> [(rounds, values) per seed]; mean line, shaded min..max over seeds.
+
+  Past 10 algorithms the colours repeat, so the line style changes with them.
+  """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for name, runs in curves.items():
+  fig, ax = plt.subplots(figsize=(7.2, 4.4))
+  palette = plt.get_cmap("tab10").colors
+  for i, (name, runs) in enumerate(curves.items()):
     rounds = runs[0][0]
     values = np.stack([v for _, v in runs])
-    ax.plot(rounds, values.mean(0), label=name)
+    color, style = palette[i % len(palette)], ("-", "--", ":")[(i // len(palette)) % 3]
+    ax.plot(rounds, values.mean(0), label=name, color=color, linestyle=style)
     if len(runs) > 1:
-      ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2)
+      ax.fill_between(rounds, values.min(0), values.max(0), color=color, alpha=0.15)
   ax.set(xlabel="round", ylabel=f"eval {metric}", title=title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small", ncol=2 if len(curves) > 6 else 1)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
