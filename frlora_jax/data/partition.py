@@ -1,6 +1,8 @@
 """Split a training set among clients: iid, Dirichlet label skew, or a natural column."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 PARTITIONS = ("iid", "dirichlet", "natural")
@@ -45,15 +47,16 @@ def natural(groups, num_clients: int = 0, largest: int = 0) -> tuple[list[np.nda
   largest > 0 keeps only the `largest` groups with the most examples (ties by name),
   as FedLLM-Bench does when it keeps the most active users; the rest is dropped.
   """
-  groups = np.asarray(groups, dtype=object)
-  keys = sorted(set(groups.tolist()), key=str)
+  rows_of = collections.defaultdict(list)  # one pass: user-id columns can hold 10^5 groups
+  for row, group in enumerate(np.asarray(groups, dtype=object).tolist()):
+    rows_of[group].append(row)
+  keys = sorted(rows_of, key=str)
   if largest:
-    sizes = {k: int(np.sum(groups == k)) for k in keys}
-    keys = sorted(sorted(keys, key=lambda k: (-sizes[k], str(k)))[:largest], key=str)
+    keys = sorted(sorted(keys, key=lambda k: (-len(rows_of[k]), str(k)))[:largest], key=str)
   if num_clients and num_clients != len(keys):
     raise ValueError(f"config.fl.num_clients={num_clients} but the natural partition has {len(keys)} groups; "
                      f"set config.fl.num_clients={len(keys)} (or 0 to take the data's count).")
-  return [np.flatnonzero(groups == k) for k in keys], keys
+  return [np.asarray(rows_of[k], np.intp) for k in keys], keys
 
 
 def _check_counts(num_examples: int, num_clients: int) -> None:
