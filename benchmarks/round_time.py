@@ -101,8 +101,8 @@ def step_flops(exp, state) -> float:
 
 
 def run(args) -> dict:
-  from frlora_jax import client, compile_count, experiment, models
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  from frlora_jax import client, compile_count, experiment, models, workloads
+  dtype = workloads.dtype_of(args.dtype)
   model = models.random_classifier(args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
                                    vocab=args.vocab, num_labels=2, max_positions=args.seq + 2, dtype=dtype)
   exp = experiment.build(benchmark_config(args), model=model, data=synthetic_data(args))

@@ -10,6 +10,7 @@ stay unbiased. `bits=32` is `jax.random.bernoulli` itself (Flax's own dropout).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -20,11 +21,16 @@ BITS = (8, 16, 32)
 _UINT = {8: jnp.uint8, 16: jnp.uint16}
 
 
+def _threshold(rate: float, bits: int) -> int:
+  """Draws below this (out of 2**bits) are dropped."""
+  return round(rate * 2 ** bits)
+
+
 def drop_probability(rate: float, bits: int) -> float:
   """The drop probability `keep_mask` actually uses for `rate` at `bits`."""
   if bits == 32:
     return rate
-  return round(rate * 2 ** bits) / 2 ** bits
+  return _threshold(rate, bits) / 2 ** bits
 
 
 def keep_mask(key, rate: float, shape, bits: int = 8):
@@ -37,7 +43,7 @@ def keep_mask(key, rate: float, shape, bits: int = 8):
   per_word = 32 // bits
   words = jax.random.bits(key, (-(-size // per_word),), jnp.uint32)
   draws = jax.lax.bitcast_convert_type(words, _UINT[bits]).reshape(-1)[:size].reshape(shape)
-  return draws >= jnp.asarray(round(rate * 2 ** bits), _UINT[bits])
+  return draws >= jnp.asarray(_threshold(rate, bits), _UINT[bits])
 
 
 def dropout(x, rate: float, key, bits: int = 8, mask_shape=None):
@@ -56,12 +62,15 @@ def interceptor(bits: int):
 
   HF Flax models build their hidden-state dropouts from `nn.Dropout`, so this
   reaches them without touching the library. Same RNG stream (the module's own
-  `make_rng`), same determinism rules as Flax's Dropout.
+  `make_rng`), same determinism rules as Flax's Dropout. At 32 bits nothing is
+  intercepted: Flax's Dropout already is `jax.random.bernoulli`.
   """
+  if bits == 32:
+    return contextlib.nullcontext()
 
   def route(next_fun, args, kwargs, context):
     module = context.module
-    if bits == 32 or context.method_name != "__call__" or not isinstance(module, nn.Dropout):
+    if context.method_name != "__call__" or not isinstance(module, nn.Dropout):
       return next_fun(*args, **kwargs)
     inputs = args[0]
     call_deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)

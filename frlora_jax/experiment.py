@@ -58,9 +58,6 @@ class Experiment:
     return len(self.client_counts)
 
 
-dtype_of = workloads.dtype_of
-
-
 def build(config, model: Optional[models.Model] = None,
           data: Optional[data_lib.FederatedData] = None) -> Experiment:
   """Check the config, load data and model (unless given), and compile nothing yet."""
