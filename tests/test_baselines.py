@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from frlora_jax import experiment, lora
+from frlora_jax import algorithms, experiment, lora
 from frlora_jax.algorithms.fedprox import proximal_term
 
 
@@ -147,7 +147,7 @@ def test_fedsa_lora_shares_a_and_keeps_b(make_config):
   assert set(personal) >= {"accuracy", "mcc"}
 
 
-@pytest.mark.parametrize("name", ["scaffold", "fedadam", "fedavgm", "flora", "fedsa_lora", "frlora"])
+@pytest.mark.parametrize("name", algorithms.names())
 def test_algorithm_state_survives_resume(make_config, tmp_path, name):
   """Drop the last checkpoint of a finished run: resuming from the one before must redo
   the last round exactly (server state, client states and kept optimizers restored)."""
