@@ -101,9 +101,8 @@ def factors_of_weighted_sum(a_k: jax.Array, b_k: jax.Array, weights: jax.Array, 
   stacked_b = b_k.reshape(k * r, -1)
   q_a, r_a = jnp.linalg.qr(stacked_a)
   q_b, r_b = jnp.linalg.qr(stacked_b.T)
-  u, s, vt = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)
-  root = jnp.sqrt(s[:rank])
-  return (q_a @ u[:, :rank]) * root[None, :], root[:, None] * (vt[:rank] @ q_b.T)
+  a_small, b_small = pissa_factors(r_a @ r_b.T, rank, 1.0)
+  return q_a @ a_small, b_small @ q_b.T
 
 
 def init_pissa(params, targets: dict[Path, tuple[int, int]], rank: int, scale: float):
