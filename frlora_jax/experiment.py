@@ -98,7 +98,8 @@ def build(config, model: Optional[models.Model] = None,
     return client.make_local_update(
         apply_fn, tx=tx, rates=rates, local_steps=local_steps, batch_size=op.batch_size,
         lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio, task_loss=workload.task_loss,
-        dropout_bits=config.model.dropout_bits, regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction,
+        dropout_bits=config.model.dropout_bits, regularizer=algorithm.regularizer,
+        grad_correction=algorithm.grad_correction,
         on_client_done=client_bar.tick if client_bar is not None else None)
 
   executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk,
