@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,6 +44,11 @@ def find_targets(params, patterns: Sequence[str], exclude: Sequence[str] = ()) -
   return targets
 
 
+def scale(lora_config) -> float:
+  """The LoRA scale s = alpha / r of a `config.lora` section (the one place it is computed)."""
+  return float(lora_config.alpha) / float(lora_config.rank)
+
+
 def lora_entries(lora) -> dict[Path, dict]:
   """{module path: {"a": A, "b": B}} from a nested LoRA tree."""
   entries: dict[Path, dict] = {}
@@ -55,6 +60,29 @@ def lora_entries(lora) -> dict[Path, dict]:
 def from_entries(entries: dict[Path, dict]):
   return traverse_util.unflatten_dict(
       {path + (name,): leaf for path, ab in entries.items() for name, leaf in ab.items()})
+
+
+def map_targets(fn: Callable, *loras) -> dict[Path, Any]:
+  """{path: fn(entry_1, ..., entry_n)} at every target of the first LoRA tree.
+
+  Each entry is that tree's {"a": A, "b": B} dict at the path (stacked trees give
+  stacked factors). The server rules are written per target with this.
+  """
+  per_tree = [lora_entries(tree) for tree in loras]
+  return {path: fn(*(entries[path] for entries in per_tree)) for path in per_tree[0]}
+
+
+def map_lora(fn: Callable, *loras):
+  """Like `map_targets`, where `fn` returns a target's new {"a", "b"} (or part of it): a LoRA tree."""
+  return from_entries(map_targets(fn, *loras))
+
+
+def split_factors(lora, factor: str = "a"):
+  """(the tree without `factor`, a tree of `factor` alone): e.g. the trained B's and the frozen A's."""
+  flat = traverse_util.flatten_dict(lora)
+  kept = {k: v for k, v in flat.items() if k[-1] != factor}
+  taken = {k: v for k, v in flat.items() if k[-1] == factor}
+  return traverse_util.unflatten_dict(kept), traverse_util.unflatten_dict(taken)
 
 
 def get_kernel(params, path: Path):
@@ -70,6 +98,15 @@ def replace_kernels(params, kernels: dict[Path, jax.Array]):
   for path, kernel in kernels.items():
     flat[path + ("kernel",)] = kernel
   return traverse_util.unflatten_dict(flat)
+
+
+def add_to_kernels(params, deltas: dict[Path, jax.Array]):
+  """`params` with W + dW at every module path of `deltas`, summed in float32, stored in W's dtype."""
+  kernels = {}
+  for path, update in deltas.items():
+    w = get_kernel(params, path)
+    kernels[path] = (jnp.asarray(w, jnp.float32) + update).astype(w.dtype)
+  return replace_kernels(params, kernels)
 
 
 def init_kaiming(key, targets: dict[Path, tuple[int, int]], rank: int):
@@ -110,13 +147,9 @@ def init_pissa(params, targets: dict[Path, tuple[int, int]], rank: int, scale: f
 
   Returns (lora, residual_params); the model's output is unchanged.
   """
-  entries, residual = {}, {}
-  for path in targets:
-    w = get_kernel(params, path)
-    a, b = pissa_factors(w, rank, scale)
-    entries[path] = {"a": a, "b": b}
-    residual[path] = (jnp.asarray(w, jnp.float32) - scale * a @ b).astype(w.dtype)
-  return from_entries(entries), replace_kernels(params, residual)
+  lora = from_entries({path: dict(zip("ab", pissa_factors(get_kernel(params, path), rank, scale)))
+                       for path in targets})
+  return lora, add_to_kernels(params, map_targets(lambda entry: -delta(entry, scale), lora))
 
 
 def delta(entry, scale: float):
@@ -125,11 +158,7 @@ def delta(entry, scale: float):
 
 def merge(params, lora, scale: float):
   """Base params with every LoRA update folded in: W + s*A@B."""
-  kernels = {}
-  for path, entry in lora_entries(lora).items():
-    w = get_kernel(params, path)
-    kernels[path] = (w + delta(entry, scale)).astype(w.dtype)
-  return replace_kernels(params, kernels)
+  return add_to_kernels(params, map_targets(lambda entry: delta(entry, scale), lora))
 
 
 def _path_seed(path: Path) -> int:

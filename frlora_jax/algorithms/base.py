@@ -3,6 +3,13 @@
 An algorithm is a handful of pure, jittable functions over pytrees. The round
 loop calls them in the same order for every algorithm and never branches on
 the algorithm's name; an algorithm never knows how clients were executed.
+
+Three kinds of state, three names:
+- `ServerState.algorithm_state`: the algorithm's own server state (momentum, control variate, ...).
+- client states: what each client keeps between rounds (`init_client_state`), stacked over
+  clients in the run state and passed to `aggregate` for the round's clients.
+- client context: what a client's loss / gradient hooks read during local training
+  (`client_context`, e.g. SCAFFOLD's correction c - c_i).
 """
 from __future__ import annotations
 
@@ -15,48 +22,69 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class ServerState:
-  """The global model: frozen base (FRLoRA's residual), global LoRA, head, and the
-  algorithm's own server state (momentum, control variates, ...)."""
+  """The global model (frozen base, FRLoRA's residual; global LoRA; head) and the algorithm's own state."""
   base: Any
   lora: Any
   head: Any
-  extra: Any = None
+  algorithm_state: Any = None
 
 
 class Algorithm(NamedTuple):
   """Pure functions over pytrees that define one federated algorithm.
 
-  - lora_init: 'pissa' or 'kaiming' (the init this algorithm is defined with).
-  - freeze_a: True/False forces A frozen/trained in local training; None leaves it
-    to config.lora.freeze_a.
-  - init(server) -> server: add the algorithm's server-side state.
-  - init_client(server) -> pytree: one client's persistent state (None if stateless).
-  - client_start(server, client_state) -> trainable {"lora", "head"} to train from.
-  - client_payload(server, client_state) -> what the client's local loss/gradient hooks
-    see as `client_input.extra` (default: its state).
-  - aggregate(server, trainables, weights, client_states) -> (server, client_states):
-    trainables/client_states are stacked over the round's clients, weights sum to 1.
+  - lora_init / freeze_a: settings the algorithm fixes ('pissa' | 'kaiming'; True | False),
+    or None to leave them to config.lora (see `lora_settings`).
+  - init(server, key) -> server: add `algorithm_state` (key: the run's initialisation stream).
+  - init_client_state(server) -> one client's persistent state, or None if stateless.
+  - client_start(server, client_state) -> the trainable tree {"lora", "head"} a client trains from.
+  - client_context(server, client_state) -> what the client's `regularizer` / `grad_correction`
+    read as `client_input.context` during local training (None if nothing).
+  - aggregate(server, client_trainables, weights, client_states) -> (server, client_states):
+    client_trainables / client_states are stacked over the round's clients; weights sum to 1.
   - eval_trees(server) -> (base, lora, head): the global model to evaluate.
   - personal_trees(server, client_state) -> (base, lora, head): a client's own model, for
     algorithms that personalise (evaluated per client as well), or None.
   - regularizer(trainable, client_input) -> scalar added to the local loss, or None.
-  - grad_correction(grads, client_input) -> grads, or None.
+  - grad_correction(grads, client_input) -> grads, or None (grads has the trainable tree's shape).
+  - uploads / downloads: the parts a client sends / receives each round ('lora', 'lora_a',
+    'lora_b', 'head', 'control', 'lora_stacked'), for the communication accounting.
   """
   name: str
-  lora_init: str
-  freeze_a: Optional[bool]
   aggregate: Callable
-  init: Callable = lambda server: server
-  init_client: Callable = lambda server: None
-  client_start: Callable = lambda server, client_state: {"lora": server.lora, "head": server.head}
-  client_payload: Callable = lambda server, client_state: client_state
+  lora_init: Optional[str] = None
+  freeze_a: Optional[bool] = None
+  init: Callable = lambda server, key: server
+  init_client_state: Callable = lambda server: None
+  client_start: Callable = lambda server, client_state: global_trainable(server)
+  client_context: Callable = lambda server, client_state: None
   eval_trees: Callable = lambda server: (server.base, server.lora, server.head)
   personal_trees: Optional[Callable] = None
   regularizer: Optional[Callable] = None
   grad_correction: Optional[Callable] = None
-  # Which parts of the trainable tree a client sends up ('lora', 'lora_b', 'lora_a', 'head'), for accounting.
   uploads: tuple = ("lora", "head")
   downloads: tuple = ("lora", "head")
+
+
+PROJECT_LORA_DEFAULTS = {"init": "kaiming", "freeze_a": False}
+
+
+def lora_settings(algorithm: Algorithm, lora_config) -> tuple[str, bool]:
+  """(init, freeze_a) of a run, by one rule for both settings.
+
+  A setting the algorithm fixes is used; a user value that differs from it is an error
+  naming both. A setting it leaves open (None) is the user's (config.lora.init 'auto' and
+  config.lora.freeze_a unset mean the project default: kaiming, trained A).
+  """
+  user = {"init": None if lora_config.init == "auto" else lora_config.init, "freeze_a": lora_config.freeze_a}
+  fixed = {"init": algorithm.lora_init, "freeze_a": algorithm.freeze_a}
+  resolved = {}
+  for field in ("init", "freeze_a"):
+    if fixed[field] is not None and user[field] is not None and user[field] != fixed[field]:
+      raise ValueError(f"config.lora.{field}={user[field]!r} conflicts with config.fl.algorithm="
+                       f"{algorithm.name!r}, which is defined with {field}={fixed[field]!r}; drop the "
+                       f"config.lora.{field} override, or pick an algorithm that leaves it open.")
+    resolved[field] = next(v for v in (fixed[field], user[field], PROJECT_LORA_DEFAULTS[field]) if v is not None)
+  return resolved["init"], bool(resolved["freeze_a"])
 
 
 def weighted_mean(stacked, weights):

@@ -1,10 +1,9 @@
 """FedAvg on LoRA (FedIT): average A, B and the head with the client weights."""
-from frlora_jax.algorithms.base import Algorithm, weighted_mean
+from frlora_jax.algorithms.base import Algorithm, weighted_mean, with_trainable
 
 
-def fedavg(**_) -> Algorithm:
-  def aggregate(server, trainables, weights, client_states):
-    avg = weighted_mean(trainables, weights)
-    return server.replace(lora=avg["lora"], head=avg["head"]), client_states
+def fedavg() -> Algorithm:
+  def aggregate(server, client_trainables, weights, client_states):
+    return with_trainable(server, weighted_mean(client_trainables, weights)), client_states
 
-  return Algorithm(name="fedavg", lora_init="kaiming", freeze_a=None, aggregate=aggregate)
+  return Algorithm(name="fedavg", aggregate=aggregate)

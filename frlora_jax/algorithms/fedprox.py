@@ -15,8 +15,7 @@ def proximal_term(trainable, anchor, mu: float):
   return 0.5 * mu * sum(jax.tree_util.tree_leaves(squares))
 
 
-def fedprox(*, config, **_) -> Algorithm:
-  mu = float(config.fl.prox_mu)
+def fedprox(*, mu: float) -> Algorithm:
   if mu < 0:
     raise ValueError(f"config.fl.prox_mu={mu} must be >= 0.")
   return fedavg()._replace(name="fedprox",

@@ -5,32 +5,31 @@ The head is averaged like A. The global model reported in `eval` is (A, mean_k B
 eval set, the setting the method is designed for.
 """
 from frlora_jax import lora as lora_lib
-from frlora_jax.algorithms.base import Algorithm, weighted_mean
+from frlora_jax.algorithms.base import Algorithm, weighted_mean, with_trainable
 
 
-def _b_tree(lora):
-  return lora_lib.from_entries({p: {"b": e["b"]} for p, e in lora_lib.lora_entries(lora).items()})
+def _b_only(lora):
+  return lora_lib.split_factors(lora, "a")[0]
 
 
-def _with_b(lora, b_tree):
-  bs = lora_lib.lora_entries(b_tree)
-  return lora_lib.from_entries({p: {"a": e["a"], "b": bs[p]["b"]} for p, e in lora_lib.lora_entries(lora).items()})
+def _with_own_b(lora, own_b):
+  return lora_lib.map_lora(lambda shared, own: {"a": shared["a"], "b": own["b"]}, lora, own_b)
 
 
-def fedsa_lora(**_) -> Algorithm:
-  def init_client(server):
-    return {"b": _b_tree(server.lora)}
+def fedsa_lora() -> Algorithm:
+  def init_client_state(server):
+    return {"b": _b_only(server.lora)}
 
   def client_start(server, client_state):
-    return {"lora": _with_b(server.lora, client_state["b"]), "head": server.head}
+    return {"lora": _with_own_b(server.lora, client_state["b"]), "head": server.head}
 
-  def aggregate(server, trainables, weights, client_states):
-    avg = weighted_mean(trainables, weights)  # A averaged; mean B kept for the global eval model
-    return server.replace(lora=avg["lora"], head=avg["head"]), {"b": _b_tree(trainables["lora"])}
+  def aggregate(server, client_trainables, weights, client_states):
+    # A averaged; the mean B is kept only for the global eval model
+    return with_trainable(server, weighted_mean(client_trainables, weights)), {"b": _b_only(client_trainables["lora"])}
 
   def personal_trees(server, client_state):
-    return server.base, _with_b(server.lora, client_state["b"]), server.head
+    return server.base, _with_own_b(server.lora, client_state["b"]), server.head
 
-  return Algorithm(name="fedsa_lora", lora_init="kaiming", freeze_a=None, aggregate=aggregate,
-                   init_client=init_client, client_start=client_start, personal_trees=personal_trees,
+  return Algorithm(name="fedsa_lora", aggregate=aggregate, init_client_state=init_client_state,
+                   client_start=client_start, personal_trees=personal_trees,
                    uploads=("lora_a", "head"), downloads=("lora_a", "head"))

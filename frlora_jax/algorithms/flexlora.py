@@ -9,16 +9,15 @@ from frlora_jax import lora as lora_lib
 from frlora_jax.algorithms.base import Algorithm, weighted_mean
 
 
-def flexlora(**_) -> Algorithm:
-  def aggregate(server, trainables, weights, client_states):
-    client_entries = lora_lib.lora_entries(trainables["lora"])
-    entries = {}
-    for path, entry in lora_lib.lora_entries(server.lora).items():
-      a_k, b_k = client_entries[path]["a"], client_entries[path]["b"]
-      a, b = lora_lib.factors_of_weighted_sum(a_k.astype(jnp.float32), b_k.astype(jnp.float32),
-                                              weights.astype(jnp.float32), entry["a"].shape[1])
-      entries[path] = {"a": a.astype(entry["a"].dtype), "b": b.astype(entry["b"].dtype)}
-    return server.replace(lora=lora_lib.from_entries(entries),
-                          head=weighted_mean(trainables["head"], weights)), client_states
+def flexlora() -> Algorithm:
+  def aggregate(server, client_trainables, weights, client_states):
+    def refactor(current, clients):
+      f32 = jnp.float32
+      a, b = lora_lib.factors_of_weighted_sum(clients["a"].astype(f32), clients["b"].astype(f32), weights.astype(f32),
+                                              current["a"].shape[1])
+      return {"a": a.astype(current["a"].dtype), "b": b.astype(current["b"].dtype)}
 
-  return Algorithm(name="flexlora", lora_init="kaiming", freeze_a=None, aggregate=aggregate)
+    return server.replace(lora=lora_lib.map_lora(refactor, server.lora, client_trainables["lora"]),
+                          head=weighted_mean(client_trainables["head"], weights)), client_states
+
+  return Algorithm(name="flexlora", aggregate=aggregate)

@@ -5,7 +5,8 @@ exactly the weighted sum of the client products:
     A_stack @ B_stack = sum_k p_k A_k B_k.
 
 The stacked update is merged into the base every round and every client starts the next
-round from a fresh LoRA (A random, B zero), drawn from the server's key and the round.
+round from a fresh LoRA (A random, B zero), drawn from the run's initialisation stream and
+the round.
 """
 import jax
 import jax.numpy as jnp
@@ -23,29 +24,28 @@ def stack_factors(a_k, b_k, weights):
 
 def fresh_lora(key, lora):
   """Kaiming A and zero B with the shapes of `lora`."""
-  entries = lora_lib.lora_entries(lora)
-  targets = {path: (e["a"].shape[0], e["b"].shape[1]) for path, e in entries.items()}
-  rank = next(iter(entries.values()))["a"].shape[1]
-  return lora_lib.init_kaiming(key, targets, rank)
+  shapes = lora_lib.map_targets(lambda e: (e["a"].shape[0], e["b"].shape[1]), lora)
+  rank = next(iter(lora_lib.lora_entries(lora).values()))["a"].shape[1]
+  return lora_lib.init_kaiming(key, shapes, rank)
 
 
-def flora(*, lora_scale: float, config, **_) -> Algorithm:
-  def init(server):
-    return server.replace(extra={"key": jax.random.PRNGKey(config.seed + 1), "round": jnp.zeros((), jnp.int32)})
+def flora(*, lora_scale: float) -> Algorithm:
+  def init(server, key):
+    return server.replace(algorithm_state={"key": key, "round": jnp.zeros((), jnp.int32)})
 
-  def aggregate(server, trainables, weights, client_states):
-    client_entries = lora_lib.lora_entries(trainables["lora"])
-    kernels = {}
-    for path in lora_lib.lora_entries(server.lora):
-      a_stack, b_stack = stack_factors(client_entries[path]["a"], client_entries[path]["b"], weights.astype(jnp.float32))
-      w = lora_lib.get_kernel(server.base, path)
-      kernels[path] = (w.astype(jnp.float32) + lora_scale * a_stack @ b_stack).astype(w.dtype)
-    round_ = server.extra["round"] + 1
-    lora = fresh_lora(jax.random.fold_in(server.extra["key"], round_), server.lora)
-    return server.replace(base=lora_lib.replace_kernels(server.base, kernels), lora=lora,
-                          head=weighted_mean(trainables["head"], weights),
-                          extra={"key": server.extra["key"], "round": round_}), client_states
+  def aggregate(server, client_trainables, weights, client_states):
+    def stacked_update(clients):
+      a_stack, b_stack = stack_factors(clients["a"], clients["b"], weights.astype(jnp.float32))
+      return lora_scale * a_stack @ b_stack
+
+    round_ = server.algorithm_state["round"] + 1
+    key = server.algorithm_state["key"]
+    return server.replace(
+        base=lora_lib.add_to_kernels(server.base, lora_lib.map_targets(stacked_update, client_trainables["lora"])),
+        lora=fresh_lora(jax.random.fold_in(key, round_), server.lora),
+        head=weighted_mean(client_trainables["head"], weights),
+        algorithm_state={"key": key, "round": round_}), client_states
 
   # Clients download the stacked factors of every sampled client (to merge them locally).
-  return Algorithm(name="flora", lora_init="kaiming", freeze_a=None, aggregate=aggregate, init=init,
+  return Algorithm(name="flora", lora_init="kaiming", aggregate=aggregate, init=init,
                    downloads=("lora_stacked", "head"))

@@ -23,23 +23,19 @@ def aggregate_update(a_k, b_k, weights, aggregation: str):
   w = weights.astype(jnp.float32)
   if aggregation == "factors":
     return jnp.tensordot(w, a_k, axes=1) @ jnp.tensordot(w, b_k, axes=1)
-  if aggregation == "product":
-    return jnp.einsum("k,kir,kro->io", w, a_k, b_k)
-  raise ValueError(f"config.fl.aggregation={aggregation!r} is unknown; use one of {AGGREGATIONS}.")
+  return jnp.einsum("k,kir,kro->io", w, a_k, b_k)
 
 
-def frlora(*, lora_scale: float, aggregation: str = "factors", **_) -> Algorithm:
+def frlora(*, lora_scale: float, aggregation: str) -> Algorithm:
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"config.fl.aggregation={aggregation!r} is unknown; use one of {AGGREGATIONS}.")
 
-  def aggregate(server, trainables, weights, client_states):
-    client_entries = lora_lib.lora_entries(trainables["lora"])
-    kernels = {}
-    for path, init in lora_lib.lora_entries(server.lora).items():
-      update = aggregate_update(client_entries[path]["a"], client_entries[path]["b"], weights, aggregation)
-      w_res = lora_lib.get_kernel(server.base, path)
-      kernels[path] = (w_res.astype(jnp.float32) + lora_scale * (update - init["a"] @ init["b"])).astype(w_res.dtype)
-    base = lora_lib.replace_kernels(server.base, kernels)
-    return server.replace(base=base, head=weighted_mean(trainables["head"], weights)), client_states
+  def aggregate(server, client_trainables, weights, client_states):
+    def residual_update(init, clients):
+      return lora_scale * (aggregate_update(clients["a"], clients["b"], weights, aggregation) - init["a"] @ init["b"])
 
-  return Algorithm(name="frlora", lora_init="pissa", freeze_a=None, aggregate=aggregate)
+    updates = lora_lib.map_targets(residual_update, server.lora, client_trainables["lora"])
+    return server.replace(base=lora_lib.add_to_kernels(server.base, updates),
+                          head=weighted_mean(client_trainables["head"], weights)), client_states
+
+  return Algorithm(name="frlora", lora_init="pissa", aggregate=aggregate)

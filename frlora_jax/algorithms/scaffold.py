@@ -12,33 +12,32 @@ from frlora_jax.algorithms.base import (Algorithm, global_trainable, tree_sub, t
                                         with_trainable)
 
 
-def scaffold(*, config, **_) -> Algorithm:
-  steps_times_lr = config.fl.local_steps * config.optim.lr
-  num_clients = config.fl.num_clients
+def scaffold(*, local_steps: int, lr: float, num_clients: int) -> Algorithm:
+  steps_times_lr = local_steps * lr
 
-  def init(server):
-    return server.replace(extra={"c": tree_zeros_like(global_trainable(server))})
+  def init(server, key):
+    return server.replace(algorithm_state={"c": tree_zeros_like(global_trainable(server))})
 
-  def init_client(server):
+  def init_client_state(server):
     return {"c_i": tree_zeros_like(global_trainable(server))}
 
-  def client_payload(server, client_state):
-    return {"correction": tree_sub(server.extra["c"], client_state["c_i"])}
+  def client_context(server, client_state):
+    return {"correction": tree_sub(server.algorithm_state["c"], client_state["c_i"])}
 
   def grad_correction(grads, client):
-    return jax.tree_util.tree_map(lambda g, d: g + d, grads, client.extra["correction"])
+    return jax.tree_util.tree_map(lambda g, d: g + d, grads, client.context["correction"])
 
-  def aggregate(server, trainables, weights, client_states):
-    x, c = global_trainable(server), server.extra["c"]
+  def aggregate(server, client_trainables, weights, client_states):
+    x, c = global_trainable(server), server.algorithm_state["c"]
     c_new = jax.tree_util.tree_map(
         lambda c_i, y, x_, c_: c_i - c_ + (x_ - y) / steps_times_lr,
-        client_states["c_i"], trainables, x, c)
-    y_mean = weighted_mean(trainables, weights)
+        client_states["c_i"], client_trainables, x, c)
+    y_mean = weighted_mean(client_trainables, weights)
     sampled = weights.shape[0]
     dc = weighted_mean(tree_sub(c_new, client_states["c_i"]), weights)
     c = jax.tree_util.tree_map(lambda c_, d: c_ + (sampled / num_clients) * d, c, dc)
-    return with_trainable(server, y_mean).replace(extra={"c": c}), {"c_i": c_new}
+    return with_trainable(server, y_mean).replace(algorithm_state={"c": c}), {"c_i": c_new}
 
-  return Algorithm(name="scaffold", lora_init="kaiming", freeze_a=None, aggregate=aggregate, init=init,
-                   init_client=init_client, client_payload=client_payload, grad_correction=grad_correction,
+  return Algorithm(name="scaffold", aggregate=aggregate, init=init, init_client_state=init_client_state,
+                   client_context=client_context, grad_correction=grad_correction,
                    uploads=("lora", "head", "control"), downloads=("lora", "head", "control"))
