@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +54,8 @@ def synthetic_data(args, seed=0):
 
 
 def benchmark_config(args):
-  import default
-  c = default.get_config()
+  from frlora_jax import defaults
+  c = defaults.get_config()
   c.model.name, c.model.dtype = f"random:{args.arch}", args.dtype
   c.model.dropout_bits = args.dropout_bits
   c.data.path, c.data.max_length = "synthetic", args.seq
@@ -88,13 +84,15 @@ def _timed(fn) -> float:
 
 def step_flops(exp, state) -> float:
   """XLA's FLOP count for one client's single local step (forward, backward, AdamW)."""
-  from frlora_jax import client
-  one_step = exp.local_update_for(1)
+  from frlora_jax import client, experiment, workloads
+  workload = workloads.for_config(exp.config)
+  one_step = experiment.make_local_update(exp.config, exp.algorithm, workload.make_apply(exp.model),
+                                          workload.task_loss, local_steps=1)
   start = exp.algorithm.client_start(state.server, None)
-  inputs = client.ClientInput(start=start, indices=jnp.asarray(exp.client_matrix[0]),
-                              count=jnp.asarray(exp.client_counts[0]), rng=jax.random.PRNGKey(0),
-                              step0=jnp.int32(0), total_steps=jnp.int32(10))
-  compiled = jax.jit(one_step).lower({"base": state.server.base, "data": exp.train_on_device}, inputs).compile()
+  inputs = client.ClientInput(start=start, indices=exp.device_data["rows"][0], count=exp.device_data["counts"][0],
+                              rng=jax.random.PRNGKey(0), step0=jnp.int32(0), total_steps=jnp.int32(10))
+  shared = {"base": state.server.base, "data": exp.device_data["columns"]}
+  compiled = jax.jit(one_step).lower(shared, inputs).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis["flops"])

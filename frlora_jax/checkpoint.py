@@ -144,9 +144,7 @@ def restore_parts(workdir: str, step: Optional[int] = None) -> tuple[Any, Any, A
   from frlora_jax import algorithms
   config = load_config(workdir)
   raw, _ = restore_state(workdir, step)
-  algorithm = algorithms.build(config.fl.algorithm, lora_scale=config.lora.alpha / config.lora.rank,
-                               aggregation=config.fl.aggregation, config=config)
-  base, lora, head = algorithm.eval_trees(algorithms.ServerState(**raw["server"]))
+  base, lora, head = algorithms.from_config(config).eval_trees(algorithms.ServerState(**raw["server"]))
   return base, lora, head, config
 
 
@@ -157,5 +155,5 @@ def restore(workdir: str, step: Optional[int] = None) -> tuple[dict, ml_collecti
   """
   from frlora_jax import lora as lora_lib
   base, lora, head, config = restore_parts(workdir, step)
-  merged = lora_lib.merge(base, lora, config.lora.alpha / config.lora.rank)
+  merged = lora_lib.merge(base, lora, lora_lib.scale(config.lora))
   return lora_lib.join_trees(merged, head), config

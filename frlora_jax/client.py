@@ -33,8 +33,8 @@ class ClientInput:
   rng: jax.Array        # this client's key for this round
   step0: jax.Array      # () int32, schedule position of the round's first step
   total_steps: jax.Array  # () int32, schedule length
-  opt_state: Any = None   # kept optimizer state, or None for a fresh AdamW
-  extra: Any = None       # algorithm-specific client state (e.g. control variates)
+  opt_state: Any = None   # kept optimizer state (of the trained part), or None for a fresh AdamW
+  context: Any = None     # what the algorithm's loss / gradient hooks read (Algorithm.client_context)
 
 
 @flax.struct.dataclass
@@ -49,21 +49,45 @@ def softmax_cross_entropy(logits, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"]).mean()
 
 
-def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, rates, local_steps: int,
-                      batch_size: int, lora_scale: float, lora_dropout: float, warmup_ratio: float,
-                      task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
-                      regularizer: Optional[Callable] = None,
-                      grad_correction: Optional[Callable] = None,
-                      on_client_done: Optional[Callable[[], None]] = None) -> Callable:
+def split_trainable(trainable, freeze_a: bool):
+  """(trained, frozen): what local training differentiates and updates, and what it holds fixed.
+
+  A frozen A gets no gradient and no optimizer state (it is not in `trained`).
+  """
+  if not freeze_a:
+    return trainable, None
+  lora_b, lora_a = lora_lib.split_factors(trainable["lora"], "a")
+  return {"lora": lora_b, "head": trainable["head"]}, {"lora": lora_a}
+
+
+def join_trainable(trained, frozen):
+  if frozen is None:
+    return trained
+  return {"lora": lora_lib.join_trees(trained["lora"], frozen["lora"]), "head": trained["head"]}
+
+
+def trained_optimizer_state(tx: optax.GradientTransformation, trainable, freeze_a: bool):
+  """A fresh optimizer state for the trained part of `trainable`."""
+  return tx.init(split_trainable(trainable, freeze_a)[0])
+
+
+def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
+                      freeze_a: bool, local_steps: int, batch_size: int, lora_scale: float, lora_dropout: float,
+                      warmup_ratio: float, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
+                      regularizer: Optional[Callable] = None, grad_correction: Optional[Callable] = None,
+                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """Build `local_update(shared, client)`.
 
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
-  grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD);
-  on_client_done() is called on the host as each client finishes (progress bars);
+  grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD), on the whole
+  trainable tree (a frozen A's entries are zeros there and dropped after);
+  on_client_done() is called on the host as each client finishes (progress bars). It is
+  always compiled in, so the program does not depend on whether anyone is watching;
   dropout_bits picks the dropout masks' random bits per element (see dropout.py).
   """
 
-  def loss_fn(trainable, base, batch, rng, client):
+  def loss_fn(trained, frozen, base, batch, rng, client):
+    trainable = join_trainable(trained, frozen)
     k_model, k_lora = jax.random.split(rng)
     params = lora_lib.join_trees(base, trainable["head"])
     with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora, dropout_bits), \
@@ -76,26 +100,32 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, r
 
   grad_fn = jax.value_and_grad(loss_fn)
 
+  def corrected(grads, frozen, client):
+    if grad_correction is None:
+      return grads
+    zeros = None if frozen is None else jax.tree_util.tree_map(jnp.zeros_like, frozen)
+    return split_trainable(grad_correction(join_trainable(grads, zeros), client), frozen is not None)[0]
+
   def local_update(shared, client: ClientInput) -> ClientOutput:
     base, data = shared["base"], shared["data"]
-    opt_state = tx.init(client.start) if client.opt_state is None else client.opt_state
+    trained, frozen = split_trainable(client.start, freeze_a)
+    rates = optim.learning_rates(trained, lora_lr, head_lr)
+    opt_state = tx.init(trained) if client.opt_state is None else client.opt_state
 
     def step(carry, i):
-      trainable, opt_state = carry
+      trained, opt_state = carry
       k_batch, k_step = jax.random.split(jax.random.fold_in(client.rng, i))
       rows = client.indices[jax.random.randint(k_batch, (batch_size,), 0, client.count)]
       batch = jax.tree_util.tree_map(lambda column: column[rows], data)
-      loss, grads = grad_fn(trainable, base, batch, k_step, client)
-      if grad_correction is not None:
-        grads = grad_correction(grads, client)
-      updates, opt_state = tx.update(grads, opt_state, trainable)
+      loss, grads = grad_fn(trained, frozen, base, batch, k_step, client)
+      updates, opt_state = tx.update(corrected(grads, frozen, client), opt_state, trained)
       multiplier = optim.warmup_cosine(client.step0 + i, client.total_steps, warmup_ratio)
-      return (optim.apply_step(trainable, updates, rates, multiplier), opt_state), loss
+      return (optim.apply_step(trained, updates, rates, multiplier), opt_state), loss
 
-    (trainable, opt_state), losses = jax.lax.scan(step, (client.start, opt_state), jnp.arange(local_steps))
+    (trained, opt_state), losses = jax.lax.scan(step, (trained, opt_state), jnp.arange(local_steps))
+    trainable = join_trainable(trained, frozen)
     finite = jnp.all(jnp.isfinite(losses)) & all_finite(trainable)
-    if on_client_done is not None:
-      jax.debug.callback(on_client_done)
+    jax.debug.callback(lambda _: on_client_done(), losses[-1])  # a per-client argument: one call per client under vmap
     return ClientOutput(trainable, opt_state if client.opt_state is not None else None, losses.mean(), finite)
 
   return local_update
@@ -203,7 +233,7 @@ def make_executor(name: str, fn: Callable, clients_per_chunk: int = 0, shard: bo
     raise ValueError(f"config.fl.executor={name!r} is unknown; use one of {EXECUTORS}.")
   if shard if shard is not None else jax.device_count() > 1:
     body = shard_over_devices(body)
-  # Starts and kept optimizer states are built fresh each round by begin_round and have
+  # Starts and kept optimizer states are built fresh each round by start_round and have
   # the outputs' shapes: donating them lets XLA write the outputs into their buffers.
   def split_call(shared, carried, rest):
     return body(shared, rest.replace(start=carried[0], opt_state=carried[1]))

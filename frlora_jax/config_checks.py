@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from frlora_jax import algorithms, client, dropout
+from frlora_jax.algorithms.fedopt import SERVER_RULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
 from frlora_jax.data.tasks import LM_METRICS
 
@@ -23,23 +24,23 @@ def _positive(value, field: str, allow_zero: bool = False) -> None:
 
 def check(config) -> None:
   """Raise ValueError naming the field and the fix for any bad setting."""
-  fl, d, lo, op = config.fl, config.data, config.lora, config.optim
-  _one_of(fl.algorithm, algorithms.names(), "config.fl.algorithm")
+  fl, data, lora, optim = config.fl, config.data, config.lora, config.optim
   _one_of(fl.executor, client.EXECUTORS, "config.fl.executor")
   _one_of(fl.partition, PARTITIONS, "config.fl.partition")
   _one_of(fl.weighting, WEIGHTINGS, "config.fl.weighting")
   _one_of(fl.schedule_steps, SCHEDULE_STEPS, "config.fl.schedule_steps")
   _one_of(fl.shard_clients, ("auto", "on", "off"), "config.fl.shard_clients")
-  _one_of(d.source, SOURCES, "config.data.source")
-  _one_of(d.metric, METRICS, "config.data.metric")
-  _one_of(lo.init, LORA_INITS, "config.lora.init")
+  _one_of(fl.server_rule, SERVER_RULES, "config.fl.server_rule")
+  _one_of(data.source, SOURCES, "config.data.source")
+  _one_of(data.metric, METRICS, "config.data.metric")
+  _one_of(lora.init, LORA_INITS, "config.lora.init")
   _one_of(config.model.dtype, DTYPES, "config.model.dtype")
   _one_of(config.model.dropout_bits, dropout.BITS, "config.model.dropout_bits")
-  _one_of(d.kind, ("classification", "instruction"), "config.data.kind")
-  if d.kind == "instruction":
+  _one_of(data.kind, ("classification", "instruction"), "config.data.kind")
+  if data.kind == "instruction":
     check_instruction(config)
-  if d.task != "custom":
-    _one_of(d.task, tuple(TASKS) + ("custom",), "config.data.task")
+  if data.task != "custom":
+    _one_of(data.task, tuple(TASKS) + ("custom",), "config.data.task")
   if fl.partition == "dirichlet" and fl.dirichlet_beta <= 0:
     raise ValueError(f"config.fl.dirichlet_beta={fl.dirichlet_beta} must be > 0 "
                      f"(smaller is more skewed; the paper uses 0.5).")
@@ -54,36 +55,38 @@ def check(config) -> None:
     raise ValueError(f"config.fl.clients_per_round={fl.clients_per_round} exceeds config.fl.num_clients="
                      f"{fl.num_clients}; lower it (0 means all clients).")
   _positive(fl.clients_per_chunk, "config.fl.clients_per_chunk", allow_zero=True)
-  _positive(lo.rank, "config.lora.rank")
-  _positive(lo.alpha, "config.lora.alpha")
-  if not 0.0 <= lo.dropout < 1.0:
-    raise ValueError(f"config.lora.dropout={lo.dropout} must be in [0, 1).")
-  if not lo.targets:
+  _positive(lora.rank, "config.lora.rank")
+  _positive(lora.alpha, "config.lora.alpha")
+  if not 0.0 <= lora.dropout < 1.0:
+    raise ValueError(f"config.lora.dropout={lora.dropout} must be in [0, 1).")
+  if not lora.targets:
     raise ValueError("config.lora.targets is empty; give regexes of module paths, e.g. ('query', 'value').")
-  _positive(op.lr, "config.optim.lr")
-  _positive(op.batch_size, "config.optim.batch_size")
-  _positive(d.max_length, "config.data.max_length")
+  _positive(optim.lr, "config.optim.lr")
+  _positive(optim.batch_size, "config.optim.batch_size")
+  _positive(data.max_length, "config.data.max_length")
   _positive(config.eval_every, "config.eval_every")
   _positive(config.eval_batch_size, "config.eval_batch_size")
-  if not d.path:
+  if not data.path:
     raise ValueError("config.data.path is empty; point it at a dataset (hub id, folder, CSV/JSONL file) "
                      "or pick a task with config.data.task.")
-  if d.kind == "classification" and (not d.text_fields or len(d.text_fields) > 2):
-    raise ValueError(f"config.data.text_fields={tuple(d.text_fields)} must name one or two columns.")
+  if data.kind == "classification" and (not data.text_fields or len(data.text_fields) > 2):
+    raise ValueError(f"config.data.text_fields={tuple(data.text_fields)} must name one or two columns.")
+  # The algorithm's own checks (its hyperparameters, LoRA settings it fixes), before any data is read.
+  algorithms.lora_settings(algorithms.from_config(config), lora)
 
 
 def check_instruction(config) -> None:
-  d, fl = config.data, config.fl
-  _one_of(d.template, instructions.TEMPLATES, "config.data.template")
-  _one_of(d.answer_format, instructions.ANSWER_FORMATS, "config.data.answer_format")
-  if d.metric not in LM_METRICS:
-    raise ValueError(f"config.data.metric={d.metric!r} is a classification metric; instruction data reports "
+  data, fl = config.data, config.fl
+  _one_of(data.template, instructions.TEMPLATES, "config.data.template")
+  _one_of(data.answer_format, instructions.ANSWER_FORMATS, "config.data.answer_format")
+  if data.metric not in LM_METRICS:
+    raise ValueError(f"config.data.metric={data.metric!r} is a classification metric; instruction data reports "
                      f"{' or '.join(LM_METRICS)}.")
-  if d.metric == "exact_match" and d.answer_format == "none":
+  if data.metric == "exact_match" and data.answer_format == "none":
     raise ValueError("config.data.metric='exact_match' needs config.data.answer_format 'letter' or 'number'.")
-  if not d.messages_field and not (d.instruction_field and d.response_field):
+  if not data.messages_field and not (data.instruction_field and data.response_field):
     raise ValueError("config.data: instruction data needs config.data.messages_field, or "
                      "config.data.instruction_field and config.data.response_field.")
   if fl.partition == "dirichlet":
     raise ValueError("config.fl.partition='dirichlet' needs class labels; instruction data uses 'iid' or 'natural'.")
-  _positive(d.max_new_tokens, "config.data.max_new_tokens")
+  _positive(data.max_new_tokens, "config.data.max_new_tokens")

@@ -4,6 +4,7 @@ A field added later must default to the behaviour from before it existed: resumi
 saved before the field was added relies on that (see checkpoint.check_compatible).
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -73,6 +74,7 @@ def get_config():
   c.fl.server_beta1 = 0.9         # FedOpt (Reddi et al.)
   c.fl.server_beta2 = 0.99
   c.fl.server_tau = 1e-3
+  c.fl.server_rule = "textbook"   # fedavgm/fedadagrad/fedyogi/fedadam: textbook (Reddi et al.) | official (published code)
   c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
 
   c.lora = ml_collections.ConfigDict()
@@ -80,8 +82,10 @@ def get_config():
   c.lora.alpha = 32.0
   c.lora.dropout = 0.05
   c.lora.targets = ("query", "value")  # regexes on module paths
-  c.lora.init = "auto"            # auto (the algorithm's own) | kaiming | pissa
-  c.lora.freeze_a = False
+  # init and freeze_a: unset ('auto' / None) takes what the algorithm defines, else kaiming / trained A;
+  # a value that contradicts an algorithm's definition is an error (algorithms.lora_settings).
+  c.lora.init = "auto"            # auto | kaiming | pissa
+  c.lora.freeze_a = config_dict.placeholder(bool)  # None | True | False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4

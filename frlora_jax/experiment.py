@@ -1,12 +1,18 @@
 """The round loop: sample clients -> local updates -> aggregate -> evaluate -> log -> checkpoint.
 
-All randomness of round r comes from fold_in(PRNGKey(seed), r), and the state
-between rounds is one pytree (`RunState`), so a run resumed from a checkpoint
-continues bit for bit as if it had never stopped.
+Randomness comes from two streams of the seed (`random_streams`): one for initialisation
+(LoRA init, algorithms' own keys) and one for rounds (round r's key, folded with each
+client id). The state between rounds is one pytree (`RunState`), so a run resumed from a
+checkpoint continues bit for bit as if it had never stopped.
+
+Reading order: `build` (once), then `run` -> `run_round` -> `local_updates` (sample,
+`start_round`, the executor's `local_update`) and `server_update` (`finish_round`, which
+calls the algorithm's `aggregate`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -25,147 +31,146 @@ from frlora_jax.algorithms import Algorithm, ServerState
 @flax.struct.dataclass
 class RunState:
   """Everything that changes between rounds."""
-  round: jax.Array          # () int32, rounds completed
+  round: jax.Array            # () int32, rounds completed
   server: ServerState
-  client_steps: jax.Array   # [K] int32, local steps each client has taken
-  client_opt: Any = None    # [K, ...] kept optimizer states, or None
-  client_extra: Any = None  # [K, ...] algorithm client states, or None
+  client_steps: jax.Array     # [K] int32, local steps each client has taken
+  client_opt: Any = None      # [K, ...] kept optimizer states, or None
+  client_states: Any = None   # [K, ...] the algorithm's per-client states, or None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+  """The static settings of a round's client inputs (hashable: a jit static argument)."""
+  seed: int
+  local_steps: int
+  batch_size: int
+  keep_optimizer_state: bool
+  schedule_over_loader: bool  # published code: schedule length ceil(n_k / batch) * rounds
+
+  @classmethod
+  def from_config(cls, config) -> "RoundPlan":
+    return cls(config.seed, config.fl.local_steps, config.optim.batch_size, bool(config.fl.keep_optimizer_state),
+               config.fl.schedule_steps == "loader")
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-  """What a run needs besides its state: data, model functions, compiled steps."""
+  """What the round loop needs besides its state."""
   config: Any
-  data: data_lib.FederatedData
+  data: data_lib.FederatedData    # host-side data: partition, eval batches
   model: models.Model
   algorithm: Algorithm
-  lora_scale: float
-  freeze_a: bool
-  train_on_device: dict
-  client_matrix: np.ndarray
-  client_counts: np.ndarray
-  executor: Callable
-  begin_round: Callable         # jitted: (state, ids, round, rounds) -> (ClientInput, client states)
-  end_round: Callable           # jitted: (state, output, ids, weights, extras) -> (state, finite)
-  evaluator: Callable            # (base, lora, head) -> metrics of that global model
-  predict: Optional[Callable]    # classification: jitted (base, lora, head, batch) -> (predictions, losses)
-  init_state: Callable[[], RunState]
-  client_bar: Any                         # run_log.ClientBar on a terminal, else None
-  local_update_for: Callable[[int], Callable]  # local_steps -> local_update (for FLOP counts)
+  initial_server: ServerState     # after LoRA init and algorithm.init
+  device_data: dict               # train columns, the clients' row matrix and counts, on device
+  train_clients: Callable         # the executor: (shared, stacked ClientInput) -> stacked ClientOutput
+  evaluate_model: Callable        # (base, lora, head) -> metrics of that global model
+  predict: Optional[Callable]     # classification: jitted (base, lora, head, batch) -> (predictions, losses)
+  client_bar: run_log.ClientBar   # per-client progress in long rounds (inert off a terminal)
 
   @property
   def num_clients(self) -> int:
-    return len(self.client_counts)
+    return len(self.data.client_indices)
 
+  @property
+  def client_counts(self) -> np.ndarray:
+    return np.asarray([len(rows) for rows in self.data.client_indices])
 
-def build(config, model: Optional[models.Model] = None,
-          data: Optional[data_lib.FederatedData] = None) -> Experiment:
-  """Check the config, load data and model (unless given), and compile nothing yet."""
-  config_checks.check(config)
-  workload = workloads.for_config(config)
-  if data is None:
-    tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(config.model.name)
-    data = data_lib.build(config, tokenizer)
-  if model is None:
-    model = workload.load_model(config, data)
-  fl, lo, op = config.fl, config.lora, config.optim
-  algorithm = algorithms.build(fl.algorithm, lora_scale=lo.alpha / lo.rank, aggregation=fl.aggregation,
-                               config=config)
-  base, head = lora_lib.split_tree(model.params, model.head_patterns)
-  targets = lora_lib.find_targets(base, lo.targets)
-  if not targets:
-    raise ValueError(f"config.lora.targets={tuple(lo.targets)} match no 2-D kernel of {config.model.name!r}; "
-                     f"module paths look like {lora_lib.path_str(next(iter(lora_lib.find_targets(base, ['.']))))}.")
-  lora_lib.check_rank(targets, lo.rank)
-  scale = lo.alpha / lo.rank
-  init = algorithm.lora_init if lo.init == "auto" else lo.init
-  freeze_a = algorithm.freeze_a if algorithm.freeze_a is not None else bool(lo.freeze_a)
-  apply_fn = workload.make_apply(model)
-
-  key = jax.random.PRNGKey(config.seed)
-  if init == "pissa":
-    lora0, base = lora_lib.init_pissa(base, targets, lo.rank, scale)
-  else:
-    lora0 = lora_lib.init_kaiming(jax.random.fold_in(key, 1), targets, lo.rank)
-  server0 = algorithm.init(ServerState(base=base, lora=lora0, head=head))
-
-  trainable0 = {"lora": lora0, "head": head}
-  tx = optim.adamw_direction(op.b1, op.b2, op.eps, op.weight_decay)
-  rates = optim.learning_rates(trainable0, op.lr, op.head_lr or op.lr, freeze_a)
-  client_bar = run_log.ClientBar() if sys.stderr.isatty() else None
-
-  def local_update_for(local_steps: int):
-    return client.make_local_update(
-        apply_fn, tx=tx, rates=rates, local_steps=local_steps, batch_size=op.batch_size,
-        lora_scale=scale, lora_dropout=lo.dropout, warmup_ratio=op.warmup_ratio, task_loss=workload.task_loss,
-        dropout_bits=config.model.dropout_bits, regularizer=algorithm.regularizer,
-        grad_correction=algorithm.grad_correction,
-        on_client_done=client_bar.tick if client_bar is not None else None)
-
-  executor = client.make_executor(fl.executor, local_update_for(fl.local_steps), fl.clients_per_chunk,
-                                  shard=None if fl.shard_clients == "auto" else fl.shard_clients == "on")
-  matrix, counts = data_lib.partition.pack(data.client_indices)
-  k = len(counts)
-
-  def init_state() -> RunState:
-    stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
-    extra = algorithm.init_client(server0)
-    return RunState(
-        round=jnp.zeros((), jnp.int32), server=server0, client_steps=jnp.zeros((k,), jnp.int32),
-        client_opt=stacked(tx.init(trainable0)) if fl.keep_optimizer_state else None,
-        client_extra=None if extra is None else stacked(extra))
-
-  matrix_on_device, counts_on_device = jnp.asarray(matrix), jnp.asarray(counts)
-
-  def begin_round(state: RunState, ids, round_index, total_rounds):
-    """The round's ClientInputs: per-client keys (by client id), starts, schedule positions."""
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), round_index)
-    extras = _take(state.client_extra, ids)
-    if extras is None:
-      start = algorithm.client_start(state.server, None)
-      starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), start)
-      payload = None
-    else:
-      starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, extras)
-      payload = jax.vmap(algorithm.client_payload, in_axes=(None, 0))(state.server, extras)
-    # Fresh AdamW each round (paper): the schedule spans rounds*local_steps and round r starts
-    # at r*local_steps. Kept AdamW (published code): each client's own step count. Schedule
-    # length `loader` is ceil(n_k / batch) * rounds, as in the published code.
-    if fl.keep_optimizer_state:
-      step0 = state.client_steps[ids]
-    else:
-      step0 = jnp.full(ids.shape, round_index * fl.local_steps, jnp.int32)
-    if fl.schedule_steps == "loader":
-      total = (-(-counts_on_device[ids] // op.batch_size)) * total_rounds
-    else:
-      total = jnp.full(ids.shape, total_rounds * fl.local_steps, jnp.int32)
-    inputs = client.ClientInput(
-        start=starts, indices=matrix_on_device[ids], count=counts_on_device[ids],
-        rng=jax.vmap(lambda i: jax.random.fold_in(key, i))(ids), step0=step0.astype(jnp.int32),
-        total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), extra=payload)
-    return inputs, extras
-
-  def end_round(state: RunState, out: client.ClientOutput, ids, weights, extras):
-    """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
-    server, new_extras = algorithm.aggregate(state.server, out.trainable, weights, extras)
-    new_state = RunState(round=state.round + 1, server=server,
-                         client_steps=state.client_steps.at[ids].add(fl.local_steps),
-                         client_opt=_put(state.client_opt, ids, out.opt_state),
-                         client_extra=_put(state.client_extra, ids, new_extras))
-    return new_state, client.all_finite(server)
-
-  evaluator, predict = workload.make_evaluator(config, model, data, apply_fn, scale)
-  exp = Experiment(config=config, data=data, model=model, algorithm=algorithm, lora_scale=scale, freeze_a=freeze_a,
-                   train_on_device=jax.tree_util.tree_map(jnp.asarray, data.train), client_matrix=matrix,
-                   client_counts=counts, executor=executor, begin_round=jax.jit(begin_round), end_round=jax.jit(end_round),
-                   evaluator=evaluator, predict=predict, init_state=init_state,
-                   client_bar=client_bar, local_update_for=local_update_for)
-  return exp
+  def init_state(self) -> RunState:
+    return initial_state(self)
 
 
 class NonFiniteError(FloatingPointError):
   """A client's loss or update, or the aggregate, is NaN/inf."""
 
+
+# ----- building an experiment -----
+
+def random_streams(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(initialisation key, rounds key): separate streams, so no round reuses an init key."""
+  root = jax.random.PRNGKey(seed)
+  return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+
+
+def client_optimizer(config):
+  return optim.adamw_direction(config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay)
+
+
+def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, task_loss: Callable, local_steps: int,
+                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
+  """One client's `local_update(shared, client_input)` under this config and algorithm."""
+  _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
+  return client.make_local_update(
+      apply_fn, tx=client_optimizer(config), lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
+      freeze_a=freeze_a, local_steps=local_steps, batch_size=config.optim.batch_size,
+      lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
+      warmup_ratio=config.optim.warmup_ratio, task_loss=task_loss, dropout_bits=config.model.dropout_bits,
+      regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
+
+
+def initial_server(config, model: models.Model, algorithm: Algorithm) -> ServerState:
+  """The global model before round 1: LoRA initialised as the algorithm defines, then its server state."""
+  base, head = lora_lib.split_tree(model.params, model.head_patterns)
+  targets = lora_lib.find_targets(base, config.lora.targets)
+  if not targets:
+    example = lora_lib.path_str(next(iter(lora_lib.find_targets(base, ["."]))))
+    raise ValueError(f"config.lora.targets={tuple(config.lora.targets)} match no 2-D kernel of "
+                     f"{config.model.name!r}; module paths look like {example}.")
+  lora_lib.check_rank(targets, config.lora.rank)
+  init, _ = algorithms.lora_settings(algorithm, config.lora)
+  init_key, _ = random_streams(config.seed)
+  lora_key, algorithm_key = jax.random.split(init_key)
+  if init == "pissa":
+    lora0, base = lora_lib.init_pissa(base, targets, config.lora.rank, lora_lib.scale(config.lora))
+  else:
+    lora0 = lora_lib.init_kaiming(lora_key, targets, config.lora.rank)
+  return algorithm.init(ServerState(base=base, lora=lora0, head=head), algorithm_key)
+
+
+def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.FederatedData] = None) -> Experiment:
+  """Check the config, load data and model (unless given), initialise; compile nothing yet."""
+  config_checks.check(config)
+  return _assemble(config, model, data)
+
+
+def _assemble(config, model, data) -> Experiment:
+  workload = workloads.for_config(config)
+  if data is None:
+    tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(
+        config.model.name)
+    data = data_lib.build(config, tokenizer)
+  if model is None:
+    model = workload.load_model(config, data)
+  algorithm = algorithms.from_config(config)
+  apply_fn = workload.make_apply(model)
+  client_bar = run_log.ClientBar()
+  local_update = make_local_update(config, algorithm, apply_fn, workload.task_loss, config.fl.local_steps,
+                                   on_client_done=client_bar.tick)
+  shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
+  rows, counts = data_lib.partition.pack(data.client_indices)
+  evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
+  return Experiment(
+      config=config, data=data, model=model, algorithm=algorithm,
+      initial_server=initial_server(config, model, algorithm),
+      device_data={"columns": jax.tree_util.tree_map(jnp.asarray, data.train), "rows": jnp.asarray(rows),
+                   "counts": jnp.asarray(counts)},
+      train_clients=client.make_executor(config.fl.executor, local_update, config.fl.clients_per_chunk, shard=shard),
+      evaluate_model=evaluate_model, predict=predict, client_bar=client_bar)
+
+
+def initial_state(exp: Experiment) -> RunState:
+  """Round 0: the initial server, every client's fresh state, no steps taken."""
+  k, server = exp.num_clients, exp.initial_server
+  stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
+  client_state = exp.algorithm.init_client_state(server)
+  _, freeze_a = algorithms.lora_settings(exp.algorithm, exp.config.lora)
+  opt = client.trained_optimizer_state(client_optimizer(exp.config), exp.algorithm.client_start(server, client_state),
+                                       freeze_a)
+  return RunState(round=jnp.zeros((), jnp.int32), server=server, client_steps=jnp.zeros((k,), jnp.int32),
+                  client_opt=stacked(opt) if exp.config.fl.keep_optimizer_state else None,
+                  client_states=None if client_state is None else stacked(client_state))
+
+
+# ----- one round -----
 
 def sample_clients(config, num_clients: int, round_index: int) -> np.ndarray:
   """The round's clients: all, or `clients_per_round` drawn without replacement (seeded by round)."""
@@ -181,6 +186,105 @@ def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
   counts = np.asarray(counts, np.float64)
   w = counts / counts.sum() if weighting == "data_size" else np.full(len(counts), 1.0 / len(counts))
   return w.astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("algorithm", "plan"))
+def start_round(state: RunState, ids, round_index, total_rounds, rows, counts, *, algorithm: Algorithm,
+                plan: RoundPlan):
+  """The round's `ClientInput`s (start, rows, key, schedule position) and the clients' states going in."""
+  client_states = _take(state.client_states, ids)
+  if client_states is None:  # stateless clients all start from the same tree
+    start = algorithm.client_start(state.server, None)
+    starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), start)
+    context = None
+  else:
+    starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, client_states)
+    context = jax.vmap(algorithm.client_context, in_axes=(None, 0))(state.server, client_states)
+  # Fresh AdamW each round (paper): the schedule spans rounds*local_steps and round r starts at
+  # r*local_steps. Kept AdamW (published code): each client's own step count, and a schedule of
+  # ceil(n_k / batch) * rounds steps.
+  step0 = state.client_steps[ids] if plan.keep_optimizer_state else jnp.full(ids.shape, round_index * plan.local_steps)
+  if plan.schedule_over_loader:
+    total = (-(-counts[ids] // plan.batch_size)) * total_rounds
+  else:
+    total = jnp.full(ids.shape, total_rounds * plan.local_steps)
+  round_key = jax.random.fold_in(random_streams(plan.seed)[1], round_index)
+  inputs = client.ClientInput(
+      start=starts, indices=rows[ids], count=counts[ids], rng=jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids),
+      step0=step0.astype(jnp.int32), total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids),
+      context=context)
+  return inputs, client_states
+
+
+@functools.partial(jax.jit, static_argnames=("algorithm", "local_steps"))
+def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, client_states, *,
+                 algorithm: Algorithm, local_steps: int):
+  """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
+  server, new_client_states = algorithm.aggregate(state.server, outputs.trainable, weights, client_states)
+  new_state = RunState(round=state.round + 1, server=server, client_steps=state.client_steps.at[ids].add(local_steps),
+                       client_opt=_put(state.client_opt, ids, outputs.opt_state),
+                       client_states=_put(state.client_states, ids, new_client_states))
+  return new_state, client.all_finite(server)
+
+
+@dataclasses.dataclass
+class LocalUpdates:
+  """What the round's clients sent back, before aggregation."""
+  ids: np.ndarray                # client ids, sorted
+  output: client.ClientOutput    # stacked over `ids`
+  weights: jax.Array             # aggregation weights p_k, summing to 1
+  client_states: Any             # the clients' algorithm states going in
+
+
+def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUpdates:
+  """Client phase of a round: sample, start every client from the server, train locally."""
+  config = exp.config
+  ids = sample_clients(config, exp.num_clients, round_index)
+  inputs, client_states = start_round(state, jnp.asarray(ids, jnp.int32), jnp.int32(round_index),
+                                      jnp.int32(config.fl.rounds), exp.device_data["rows"],
+                                      exp.device_data["counts"], algorithm=exp.algorithm,
+                                      plan=RoundPlan.from_config(config))
+  out = exp.train_clients({"base": state.server.base, "data": exp.device_data["columns"]}, inputs)
+  finite = np.asarray(out.finite)
+  if not finite.all():
+    raise NonFiniteError(f"Round {round_index + 1}: non-finite loss or update from client(s) "
+                         f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
+                         f"Lower config.optim.lr or check the data.")
+  weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
+  return LocalUpdates(ids, out, weights, client_states)
+
+
+def server_update(exp: Experiment, state: RunState, updates: LocalUpdates) -> RunState:
+  """Server phase of a round: the algorithm's aggregate, committed only if finite."""
+  new_state, finite = finish_round(state, updates.output, jnp.asarray(updates.ids, jnp.int32), updates.weights,
+                                   updates.client_states, algorithm=exp.algorithm,
+                                   local_steps=exp.config.fl.local_steps)
+  if not bool(finite):
+    raise NonFiniteError(f"Round {int(state.round) + 1}: the aggregated global model is non-finite; "
+                         f"the run stopped and the last good checkpoint is kept.")
+  return new_state
+
+
+def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
+  """One federated round; returns the new state and its training record."""
+  updates = local_updates(exp, state, round_index)
+  new_state = server_update(exp, state, updates)
+  losses = np.asarray(updates.output.loss, np.float64)
+  return new_state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
+                     "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
+                     "clients": updates.ids.tolist()}
+
+
+def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:
+  """Metrics of the global (merged) model on the eval split."""
+  return exp.evaluate_model(*exp.algorithm.eval_trees(server))
+
+
+def evaluate_personal(exp: Experiment, state: RunState) -> dict[str, float]:
+  """Mean over clients of each client's own model's metrics (personalising algorithms)."""
+  per_client = [exp.evaluate_model(*exp.algorithm.personal_trees(state.server, _take(state.client_states, k)))
+                for k in range(exp.num_clients)]
+  return {name: float(np.mean([m[name] for m in per_client])) for name in per_client[0]}
 
 
 def _take(tree, ids):
@@ -200,69 +304,16 @@ def communication_bytes(algorithm: Algorithm, trainable, clients_per_round: int)
   def nbytes(tree):
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
-  entries = lora_lib.lora_entries(trainable["lora"])
-  sizes = {"lora": nbytes(trainable["lora"]), "head": nbytes(trainable["head"]),
-           "lora_a": nbytes([e["a"] for e in entries.values()]), "lora_b": nbytes([e["b"] for e in entries.values()])}
+  lora_b, lora_a = lora_lib.split_factors(trainable["lora"], "a")
+  sizes = {"lora": nbytes(trainable["lora"]), "head": nbytes(trainable["head"]), "lora_a": nbytes(lora_a),
+           "lora_b": nbytes(lora_b)}
   sizes["control"] = sizes["lora"] + sizes["head"]
   sizes["lora_stacked"] = sizes["lora"] * clients_per_round
   return {"upload_per_client": sum(sizes[p] for p in algorithm.uploads),
           "download_per_client": sum(sizes[p] for p in algorithm.downloads)}
 
 
-@dataclasses.dataclass
-class LocalUpdates:
-  """What the round's clients sent back, before aggregation."""
-  ids: np.ndarray                # client ids, sorted
-  output: client.ClientOutput    # stacked over `ids`
-  weights: jax.Array             # aggregation weights p_k, summing to 1
-  extras: Any                    # the clients' algorithm states going in
-
-
-def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUpdates:
-  """Client phase of a round: sample, start every client from the server, train locally."""
-  config = exp.config
-  ids = sample_clients(config, exp.num_clients, round_index)
-  ids_on_device = jnp.asarray(ids, jnp.int32)
-  inputs, extras = exp.begin_round(state, ids_on_device, jnp.int32(round_index), jnp.int32(config.fl.rounds))
-  out = exp.executor({"base": state.server.base, "data": exp.train_on_device}, inputs)
-  finite = np.asarray(out.finite)
-  if not finite.all():
-    raise NonFiniteError(f"Round {round_index + 1}: non-finite loss or update from client(s) "
-                         f"{ids[~finite].tolist()}; the run stopped and the last good checkpoint is kept. "
-                         f"Lower config.optim.lr or check the data.")
-  weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
-  return LocalUpdates(ids, out, weights, extras)
-
-
-def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
-  """One federated round; returns the new state and its training record."""
-  updates = local_updates(exp, state, round_index)
-  ids, out = updates.ids, updates.output
-  new_state, finite = exp.end_round(state, out, jnp.asarray(ids, jnp.int32), updates.weights, updates.extras)
-  if not bool(finite):
-    raise NonFiniteError(f"Round {round_index + 1}: the aggregated global model is non-finite; "
-                         f"the run stopped and the last good checkpoint is kept.")
-  losses = np.asarray(out.loss, np.float64)
-  return new_state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
-                     "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
-                     "clients": ids.tolist()}
-
-
-def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:
-  """Metrics of the global (merged) model on the eval split."""
-  return evaluate_trees(exp, *exp.algorithm.eval_trees(server))
-
-
-def evaluate_personal(exp: Experiment, state: RunState) -> dict[str, float]:
-  """Mean over clients of each client's own model's metrics (personalising algorithms)."""
-  per_client = [evaluate_trees(exp, *exp.algorithm.personal_trees(state.server, _take(state.client_extra, k)))
-                for k in range(exp.num_clients)]
-  return {name: float(np.mean([m[name] for m in per_client])) for name in per_client[0]}
-
-
-def evaluate_trees(exp: Experiment, base, lora, head) -> dict[str, float]:
-  return exp.evaluator(base, lora, head)
-
+# ----- the run -----
 
 def is_eval_round(config, round_number: int) -> bool:
   return round_number % config.eval_every == 0 or round_number == config.fl.rounds
@@ -273,7 +324,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   config_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
-  exp = build(config, model)
+  exp = _assemble(config, model, None)
   state, history = ckpt.restore_latest(exp.init_state())
   start = int(state.round)
   log = run_log.RunLog(workdir, config, history)
@@ -290,11 +341,9 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
       last_round_s = 0.0
       for r in range(start, config.fl.rounds):
         t0 = time.time()
-        if exp.client_bar is not None:
-          exp.client_bar.start(config.fl.clients_per_round or exp.num_clients, last_round_s)
+        exp.client_bar.start(config.fl.clients_per_round or exp.num_clients, last_round_s)
         state, record = run_round(exp, state, r)
-        if exp.client_bar is not None:
-          exp.client_bar.stop()
+        exp.client_bar.stop()
         if is_eval_round(config, r + 1):
           record["eval"] = evaluate(exp, state.server)
           if exp.algorithm.personal_trees is not None:
@@ -314,8 +363,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
     saved_round = int(logged.round)
     ckpt.save_now(logged, saved_round, history)
     log.rewrite([r for r in history if r["round"] <= saved_round])
-    print(f"Interrupted: saved round {int(logged.round)} in {workdir}; run the same command to resume.",
-          file=sys.stderr)
+    print(f"Interrupted: saved round {saved_round} in {workdir}; run the same command to resume.", file=sys.stderr)
     raise SystemExit(130)
   finally:
     ckpt.close()

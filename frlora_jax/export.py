@@ -28,18 +28,11 @@ def torch_name(path: tuple) -> str:
   return ".".join(path)
 
 
-def low_rank_factors(delta: np.ndarray, rank: int, scale: float):
-  """A [in, r], B [r, out] with scale * A @ B the best rank-r approximation of delta."""
-  u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-  root = np.sqrt(s[:rank] / scale)
-  return u[:, :rank] * root, root[:, None] * vt[:rank]
-
-
 def export(workdir: str, out: str, step: int | None = None) -> dict:
   import safetensors.numpy
   from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
   base, lora_tree, head, config = checkpoint.restore_parts(workdir, step)
-  scale = config.lora.alpha / config.lora.rank
+  scale = lora_lib.scale(config.lora)
   merged = lora_lib.join_trees(lora_lib.merge(base, lora_tree, scale), head)
   source = models.resolve_model_dir(config.model.name)
   num_labels = int(np.shape(merged["classifier"].get("kernel", merged["classifier"].get("out_proj", {}).get("kernel")))[-1])
@@ -60,7 +53,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
   for path in lora_lib.lora_entries(lora_tree):
     w0 = np.asarray(lora_lib.get_kernel(pretrained_weights, path), np.float64)
     delta = np.asarray(lora_lib.get_kernel(merged, path), np.float64) - w0
-    a, b = low_rank_factors(delta, rank, scale)
+    a, b = (np.asarray(x, np.float64) for x in lora_lib.pissa_factors(delta, rank, scale))  # best rank-r of delta
     name = f"base_model.model.{torch_name(path)}"
     # PyTorch Linear layout: lora_A [r, in], lora_B [out, r]. safetensors writes the raw
     # buffer, so transposed views must be made contiguous first.

@@ -28,13 +28,11 @@ def adamw_direction(b1: float, b2: float, eps: float, weight_decay: float) -> op
   return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay))
 
 
-def learning_rates(trainable, lora_lr: float, head_lr: float, freeze_a: bool):
-  """Per-leaf base learning rate: LoRA and head groups; frozen A gets 0."""
-  def lora_rate(path, _):
-    return 0.0 if (freeze_a and path[-1].key == "a") else lora_lr
+def learning_rates(trained, lora_lr: float, head_lr: float):
+  """Per-leaf base learning rate of the trained tree: the LoRA group and the head group."""
   return {
-      "lora": jax.tree_util.tree_map_with_path(lora_rate, trainable["lora"]),
-      "head": jax.tree_util.tree_map(lambda _: head_lr, trainable["head"]),
+      "lora": jax.tree_util.tree_map(lambda _: lora_lr, trained["lora"]),
+      "head": jax.tree_util.tree_map(lambda _: head_lr, trained["head"]),
   }
 
 

@@ -69,7 +69,8 @@ class Progress:
 
 
 class ClientBar:
-  """A per-client bar inside long rounds, on a terminal only (ticked from compiled code)."""
+  """A per-client bar inside long rounds, on a terminal only (ticked from compiled code, which
+  calls `tick` whether or not a bar is shown, so the program never depends on the terminal)."""
 
   LONG_ROUND_S = 10.0
 
@@ -77,7 +78,7 @@ class ClientBar:
     self.bar = None
 
   def start(self, clients: int, last_round_s: float) -> None:
-    if last_round_s >= self.LONG_ROUND_S:
+    if last_round_s >= self.LONG_ROUND_S and sys.stderr.isatty():
       from tqdm import tqdm
       self.bar = tqdm(total=clients, unit="client", leave=False, dynamic_ncols=True)
 

@@ -86,10 +86,10 @@ def _load_causal_lm(config, data) -> models.Model:
 
 
 def _lm_evaluator(config, model, data, apply_fn, scale: float):
-  d = config.data
+  answer_format = config.data.answer_format
   pad_id = pad_token_id(model.tokenizer) if model.tokenizer is not None else 0
   eos_id = model.tokenizer.eos_token_id if model.tokenizer is not None else model.hf_config.eos_token_id
-  generate = generation.make_generate(model, scale, d.max_new_tokens, eos_id, pad_id)
+  generate = generation.make_generate(model, scale, config.data.max_new_tokens, eos_id, pad_id)
 
   @jax.jit
   def losses(base, lora, head, batch):
@@ -110,8 +110,8 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
     result = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
     if data.prompt_batches:
       texts = generate_texts(base, lora, head)
-      result["exact_match"] = instructions.exact_match(texts, data.references, d.answer_format)
-      result["answered"] = float(np.mean([bool(instructions.extract_answer(t, d.answer_format)) for t in texts]))
+      result["exact_match"] = instructions.exact_match(texts, data.references, answer_format)
+      result["answered"] = float(np.mean([bool(instructions.extract_answer(t, answer_format)) for t in texts]))
     return result
 
   def generate_texts(base, lora, head) -> list[str]:

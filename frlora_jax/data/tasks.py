@@ -48,11 +48,11 @@ def apply_task(config, name: str):
   if name not in TASKS:
     raise ValueError(f"config.data.task={name!r} is unknown; use one of {', '.join(TASKS)} or 'custom'.")
   spec = TASKS[name]
-  d = config.data
-  d.task = name
-  d.source, d.path, d.name = spec.source, spec.path, spec.name
-  d.text_fields, d.label_field = spec.text_fields, spec.label_field
-  d.train_split, d.eval_split = spec.train_split, spec.eval_split
-  d.label_names, d.num_labels, d.drop_labels = spec.label_names, spec.num_labels, spec.drop_labels
-  d.metric = spec.metric
+  data = config.data
+  data.task = name
+  data.source, data.path, data.name = spec.source, spec.path, spec.name
+  data.text_fields, data.label_field = spec.text_fields, spec.label_field
+  data.train_split, data.eval_split = spec.train_split, spec.eval_split
+  data.label_names, data.num_labels, data.drop_labels = spec.label_names, spec.num_labels, spec.drop_labels
+  data.metric = spec.metric
   return config
