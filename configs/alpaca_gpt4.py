@@ -2,14 +2,10 @@
 
 Open-ended answers: the headline metric is held-out perplexity on response tokens.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from frlora_jax import recipes
 
 
 def get_config(arg=None):
-  return common.paper_nlg(source="hub", path="vicgalle/alpaca-gpt4", clients=20, per_round=2, rank=32, lr=5e-4,
+  return recipes.paper_nlg(source="hub", path="vicgalle/alpaca-gpt4", clients=20, per_round=2, rank=32, lr=5e-4,
                           rounds=100, instruction_field="instruction", input_field="input",
                           response_field="output")

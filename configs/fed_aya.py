@@ -5,14 +5,10 @@ language, user_id). This config rebuilds it from that public source: one client 
 keeping the 38 users with most records. To use FedLLM-Bench's own JSON instead, set
 config.data.source=jsonl, config.data.path and the field names of that file.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from frlora_jax import recipes
 
 
 def get_config(arg=None):
-  return common.paper_nlg(source="hub", path="CohereForAI/aya_dataset", clients=38, per_round=4, rank=16,
+  return recipes.paper_nlg(source="hub", path="CohereForAI/aya_dataset", clients=38, per_round=4, rank=16,
                           lr=2e-4, rounds=200, partition="natural", natural_field="user_id",
                           instruction_field="inputs", response_field="targets")

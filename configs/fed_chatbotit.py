@@ -4,14 +4,10 @@ FedLLM-Bench builds it from Chatbot Arena conversations (lmsys/chatbot_arena_con
 gated on the hub), one client per user ("judge"). Multi-turn conversations train on every
 assistant turn. For FedLLM-Bench's own JSON set config.data.source=jsonl, .path and the fields.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from frlora_jax import recipes
 
 
 def get_config(arg=None):
-  return common.paper_nlg(source="hub", path="lmsys/chatbot_arena_conversations", clients=237, per_round=10,
+  return recipes.paper_nlg(source="hub", path="lmsys/chatbot_arena_conversations", clients=237, per_round=10,
                           rank=16, lr=2e-4, rounds=200, partition="natural", natural_field="judge",
                           messages_field="conversation_a")

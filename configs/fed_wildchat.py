@@ -4,14 +4,10 @@ FedLLM-Bench builds it from WildChat (allenai/WildChat), one client per user (ha
 keeping the 100 most active. Multi-turn conversations train on every assistant turn. For
 FedLLM-Bench's own JSON set config.data.source=jsonl, .path and the field names.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from frlora_jax import recipes
 
 
 def get_config(arg=None):
-  return common.paper_nlg(source="hub", path="allenai/WildChat", clients=100, per_round=5, rank=16, lr=2e-4,
+  return recipes.paper_nlg(source="hub", path="allenai/WildChat", clients=100, per_round=5, rank=16, lr=2e-4,
                           rounds=200, partition="natural", natural_field="hashed_ip",
                           messages_field="conversation")

@@ -3,15 +3,11 @@
 Records are query/response; the response ends with "The answer is: N", so exact match
 compares final numbers (on a seeded 1% hold-out; generation on 200 of them per eval).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from frlora_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.paper_nlg(source="hub", path="meta-math/MetaMathQA", clients=10, per_round=2, rank=32, lr=5e-4,
+  c = recipes.paper_nlg(source="hub", path="meta-math/MetaMathQA", clients=10, per_round=2, rank=32, lr=5e-4,
                        rounds=100, instruction_field="query", response_field="response")
   c.data.metric, c.data.answer_format = "exact_match", "number"
   c.data.max_new_tokens, c.data.max_generate_examples = 256, 200
