@@ -1,13 +1,11 @@
 """Fixtures: a tiny random BERT saved as a real HF model dir, and synthetic text data on disk."""
 import csv
 import os
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 POSITIVE = ["good", "great", "fine", "nice", "superb", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak", "boring"]
@@ -64,8 +62,8 @@ def sentiment_csv(tmp_path_factory):
 
 def tiny_config(model_dir, data_path, **overrides):
   """A fast config on the tiny model and a local CSV."""
-  import default
-  c = default.get_config()
+  from frlora_jax import defaults
+  c = defaults.get_config()
   c.model.name = model_dir
   c.data.source, c.data.path = "csv", data_path
   c.data.text_fields, c.data.label_field = ("text",), "label"

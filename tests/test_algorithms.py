@@ -1,4 +1,4 @@
-"""One round of each server rule equals a NumPy transcription of its definition."""
+"""FRLoRA end to end: one real round equals a NumPy transcription (the rules alone: test_server_rules.py)."""
 import numpy as np
 import pytest
 
@@ -10,8 +10,7 @@ def _round(make_config, **overrides):
   exp = experiment.build(config)
   state = exp.init_state()
   updates = experiment.local_updates(exp, state, 0)
-  new_state, _ = exp.end_round(state, updates.output, np.asarray(updates.ids, np.int32), updates.weights,
-                               updates.extras)
+  new_state = experiment.server_update(exp, state, updates)
   return exp, state, updates, new_state.server
 
 
@@ -35,14 +34,13 @@ def _check_head(updates, server, w):
     np.testing.assert_allclose(_np(server.head["classifier"][key]), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("aggregation", ["factors", "product"])
-@pytest.mark.parametrize("weighting", ["data_size", "uniform"])
+@pytest.mark.parametrize("aggregation, weighting", [("factors", "data_size"), ("product", "uniform")])
 def test_frlora_round_matches_numpy(make_config, aggregation, weighting):
   exp, state, updates, server = _round(make_config, **{"fl.algorithm": "frlora", "fl.aggregation": aggregation,
                                                        "fl.weighting": weighting})
   entries, w = _clients(updates)
   np.testing.assert_allclose(w, _weights(exp, weighting), rtol=1e-6)
-  s = exp.lora_scale
+  s = lora.scale(exp.config.lora)
   for path, init in lora.lora_entries(state.server.lora).items():
     a_k, b_k = _np(entries[path]["a"]), _np(entries[path]["b"])
     if aggregation == "factors":
@@ -63,7 +61,7 @@ def test_frlora_pissa_factors_come_from_pretrained_weights(make_config):
     w0 = _np(lora.get_kernel(pretrained, path))
     u, sv, vt = np.linalg.svd(w0, full_matrices=False)
     r = init["a"].shape[1]
-    np.testing.assert_allclose(exp.lora_scale * _np(init["a"]) @ _np(init["b"]),
+    np.testing.assert_allclose(lora.scale(exp.config.lora) * _np(init["a"]) @ _np(init["b"]),
                                (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-5)
 
 
@@ -77,27 +75,3 @@ def test_frozen_a_makes_aggregations_coincide(make_config):
     kernels[aggregation] = {p: _np(lora.get_kernel(server.base, p)) for p in lora.lora_entries(state.server.lora)}
   for path in kernels["factors"]:
     np.testing.assert_allclose(kernels["factors"][path], kernels["product"][path], atol=1e-6)
-
-
-def test_fedavg_round_matches_numpy(make_config):
-  exp, state, updates, server = _round(make_config, **{"fl.algorithm": "fedavg"})
-  entries, w = _clients(updates)
-  for path, got in lora.lora_entries(server.lora).items():
-    for factor in ("a", "b"):
-      np.testing.assert_allclose(_np(got[factor]), np.einsum("k,k...->...", w, _np(entries[path][factor])), atol=1e-6)
-  # the base is never touched
-  for path in entries:
-    np.testing.assert_array_equal(_np(lora.get_kernel(server.base, path)), _np(lora.get_kernel(state.server.base, path)))
-  _check_head(updates, server, w)
-
-
-def test_ffa_lora_round_matches_numpy(make_config):
-  exp, state, updates, server = _round(make_config, **{"fl.algorithm": "ffa_lora"})
-  entries, w = _clients(updates)
-  for path, init in lora.lora_entries(state.server.lora).items():
-    got = lora.lora_entries(server.lora)[path]
-    np.testing.assert_array_equal(_np(got["a"]), _np(init["a"]))  # A frozen at its random init
-    assert np.abs(_np(init["a"])).max() > 0
-    np.testing.assert_allclose(_np(got["b"]), np.einsum("k,k...->...", w, _np(entries[path]["b"])), atol=1e-6)
-    assert np.abs(_np(got["b"])).max() > 0  # B trained away from zero
-  _check_head(updates, server, w)

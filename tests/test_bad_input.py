@@ -23,6 +23,12 @@ from frlora_jax import experiment
     ({"fl.aggregation": "median"}, r"config.fl.aggregation='median' is unknown"),
     ({"lora.dropout": 1.5}, r"config.lora.dropout=1.5 must be in"),
     ({"model.dropout_bits": 12}, r"config.model.dropout_bits=12 is unknown; use one of 8, 16, 32"),
+    ({"fl.algorithm": "ffa_lora", "lora.freeze_a": False},
+     r"config.lora.freeze_a=False conflicts with config.fl.algorithm='ffa_lora', which is defined with freeze_a=True"),
+    ({"lora.init": "kaiming"}, r"config.lora.init='kaiming' conflicts with config.fl.algorithm='frlora', which is "
+                               r"defined with init='pissa'"),
+    ({"fl.server_rule": "paper"}, r"config.fl.server_rule='paper' is unknown; use one of textbook, official"),
+    ({"fl.algorithm": "fedprox", "fl.prox_mu": -1.0}, r"config.fl.prox_mu=-1.0 must be >= 0"),
 ])
 def test_bad_config_is_refused_with_the_field(make_config, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -74,3 +80,10 @@ def test_bad_instruction_config_is_refused_with_the_field(make_lm_config, overri
 def test_encoder_checkpoint_for_instruction_data_is_refused(make_lm_config, tiny_model_dir):
   with pytest.raises(ValueError, match=r"is a 'bert' model; causal LM training supports"):
     experiment.build(make_lm_config(**{"model.name": tiny_model_dir}))
+
+
+def test_algorithm_settings_are_checked_before_any_data_is_read(make_config, tmp_path):
+  config = make_config(**{"fl.algorithm": "ffa_lora", "lora.freeze_a": False,
+                          "data.path": str(tmp_path / "does_not_exist.csv")})
+  with pytest.raises(ValueError, match=r"config.lora.freeze_a=False conflicts"):
+    experiment.build(config)

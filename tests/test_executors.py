@@ -46,7 +46,7 @@ def test_rounds_after_the_first_compile_nothing(make_config, tmp_path):
 
 MULTI_DEVICE = r"""
 import json, sys
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {configs!r})
+sys.path.insert(0, {tests!r})
 import jax, numpy as np, conftest
 from frlora_jax import experiment
 assert jax.device_count() == 4, jax.devices()
@@ -69,7 +69,7 @@ def test_clients_sharded_over_four_cpu_devices_match_one(tiny_model_dir, sentime
   import subprocess
   import sys
   from conftest import ROOT
-  script = MULTI_DEVICE.format(tests=os.path.join(ROOT, "tests"), configs=os.path.join(ROOT, "configs"),
+  script = MULTI_DEVICE.format(tests=os.path.join(ROOT, "tests"),
                                model=tiny_model_dir, data=sentiment_csv)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
@@ -104,3 +104,50 @@ def test_dropout_bits_reach_the_client_steps(make_config):
   default = experiment.build(make_config(**{"lora.dropout": 0.1}))
   assert experiment.run_round(default, default.init_state(), 0)[1]["client_losses"] == losses[32]
   assert losses[8] != losses[32]
+
+
+def test_a_terminal_does_not_change_the_round(make_config, monkeypatch):
+  """The progress callback is compiled in either way: same losses and model with and without a terminal,
+  and on a terminal the per-client bar sees every client."""
+  import sys
+  results = []
+  for tty in (False, True):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+    exp = experiment.build(make_config())
+    exp.client_bar.start(exp.num_clients, last_round_s=1e6)  # a long previous round: show the bar
+    state, record = experiment.run_round(exp, exp.init_state(), 0)
+    ticks = exp.client_bar.bar.n if exp.client_bar.bar is not None else None
+    exp.client_bar.stop()
+    results.append((record["client_losses"], [np.asarray(x) for x in jax.tree_util.tree_leaves(state.server)]))
+    assert ticks == (exp.num_clients if tty else None)
+  (losses_plain, leaves_plain), (losses_tty, leaves_tty) = results
+  assert losses_plain == losses_tty
+  for a, b in zip(leaves_plain, leaves_tty):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_init_and_round_streams_are_separate():
+  init_key, rounds_key = experiment.random_streams(0)
+  used_at_init = {tuple(np.asarray(k).tolist()) for k in (init_key, *jax.random.split(init_key))}
+  round_keys = [jax.random.fold_in(rounds_key, r) for r in range(100)]
+  client_keys = [jax.random.fold_in(k, i) for k in round_keys[:10] for i in range(10)]
+  assert not used_at_init & {tuple(np.asarray(k).tolist()) for k in round_keys + client_keys}
+  # the same seed gives the same streams; another seed other streams
+  assert np.array_equal(experiment.random_streams(0)[1], rounds_key)
+  assert not np.array_equal(experiment.random_streams(1)[1], rounds_key)
+
+
+def test_frozen_a_gets_no_gradient_and_no_optimizer_state(make_config):
+  exp = experiment.build(make_config(**{"fl.algorithm": "ffa_lora", "fl.keep_optimizer_state": True}))
+  state = exp.init_state()
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.client_opt)]
+  assert any("'b'" in p for p in paths) and not any("'a'" in p for p in paths)
+  updates = experiment.local_updates(exp, state, 0)
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates.output.opt_state)]
+  assert opt_paths == paths
+  # A comes back exactly as it went in; B moved
+  from frlora_jax import lora
+  for path, entry in lora.lora_entries(updates.output.trainable["lora"]).items():
+    start = lora.lora_entries(state.server.lora)[path]
+    np.testing.assert_array_equal(np.asarray(entry["a"]), np.broadcast_to(start["a"], entry["a"].shape))
+    assert np.abs(np.asarray(entry["b"]) - np.asarray(start["b"])[None]).max() > 0

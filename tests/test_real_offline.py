@@ -6,18 +6,17 @@ are cached in $FRLORA_CACHE (default ~/.cache/frlora_jax) between runs.
 import numpy as np
 import safetensors.numpy
 
-import demo
-from frlora_jax import assets, experiment, lora
+from frlora_jax import assets, experiment, lora, recipes
 
 
 def test_minilm_on_rotten_tomatoes_one_round(tmp_path):
-  config = demo.get_config()
+  config = recipes.offline_demo()
   config.data.max_train_examples, config.data.max_eval_examples = 400, 64
   config.fl.rounds, config.fl.local_steps = 1, 2
   config.optim.batch_size, config.eval_batch_size = 8, 32
   exp = experiment.build(config)
   # the real pretrained weights, not a random init
-  weights = safetensors.numpy.load_file(str(assets.resolve(demo.MINILM) / "model.safetensors"))
+  weights = safetensors.numpy.load_file(str(assets.resolve(recipes.MINILM) / "model.safetensors"))
   key = next(k for k in weights if k.endswith("layer.0.attention.self.value.weight"))
   w0 = lora.get_kernel(exp.model.params, ("bert", "encoder", "layer", "0", "attention", "self", "value"))
   np.testing.assert_allclose(np.asarray(w0), weights[key].T, atol=1e-6)
@@ -39,9 +38,8 @@ def test_smollm2_from_gguf_is_sane_and_answers_a_question():
   import jax
   import jax.numpy as jnp
 
-  import demo_nlg
   from frlora_jax import causal_lm, generation
-  model = causal_lm.load_causal_lm(demo_nlg.SMOLLM2)
+  model = causal_lm.load_causal_lm(recipes.SMOLLM2)
   tok = model.tokenizer
   assert model.hf_config.rope_theta == 100000.0 and model.hf_config.tie_word_embeddings
   text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
