@@ -68,6 +68,7 @@ def get_config():
   c.fl.weighting = "data_size"    # data_size | uniform
   c.fl.keep_optimizer_state = False  # the published code keeps each client's AdamW across rounds
   c.fl.prox_mu = 0.01            # FedProx
+  c.fl.fedreg_mu = 0.01          # FedReg: mu/2 ||s A B||^2 in the local loss (published code's trainer)
   c.fl.server_lr = 1e-3           # FedAdagrad / FedYogi / FedAdam server step (eta, REFERENCE.md)
   c.fl.fedavgm_lr = 1.0           # FedAvgM server step
   c.fl.server_momentum = 0.9      # FedAvgM
@@ -92,7 +93,9 @@ def get_config():
   c.optim.head_lr = 0.0           # 0: same as lr
   c.optim.batch_size = 64
   c.optim.weight_decay = 0.0
-  c.optim.warmup_ratio = 0.03
+  c.optim.schedule = "warmup_cosine"  # warmup_cosine (HF, per step over all rounds) | round_cosine (OpenFedLLM)
+  c.optim.warmup_ratio = 0.03     # warmup_cosine
+  c.optim.min_lr = 0.0            # round_cosine: the last rounds' learning rate floor
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8

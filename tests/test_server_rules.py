@@ -268,3 +268,15 @@ def test_fedsa_lora_shares_a_and_keeps_b():
   for path, got in lora.lora_entries(start["lora"]).items():
     np.testing.assert_array_equal(_np(got["a"]), _np(lora.lora_entries(new.lora)[path]["a"]))
     np.testing.assert_array_equal(_np(got["b"]), _np(entries[path]["b"])[1])
+
+
+def test_fedreg_penalty_is_the_update_norm():
+  """mu/2 ||s A B||_F^2 summed over targets, against the explicit [in, out] products."""
+  _, algorithm, server, rng = _setup("fedreg", fedreg_mu=0.3)
+  one = jax.tree_util.tree_map(lambda x: x[0], _clients(server, rng))
+  expected = 0.15 * sum(np.sum((SCALE * _np(e["a"]) @ _np(e["b"])) ** 2) for e in lora.lora_entries(one["lora"]).values())
+  assert float(algorithm.regularizer(one, None)) == pytest.approx(expected, rel=1e-5)
+  clients, w = _clients(server, rng), _weights(rng)
+  new, _ = algorithm.aggregate(server, clients, w, None)  # and FedAvg's aggregate
+  for got, leaf in zip(_leaves({"lora": new.lora, "head": new.head}), _leaves(clients)):
+    np.testing.assert_allclose(got, np.einsum("k,k...->...", _np(w), leaf), atol=1e-6)

@@ -11,6 +11,7 @@ from frlora_jax.algorithms.base import (Algorithm, ServerState, global_trainable
                                         with_trainable)
 from frlora_jax.algorithms.fedavg import fedavg
 from frlora_jax.algorithms.fedprox import fedprox
+from frlora_jax.algorithms.fedreg import fedreg
 from frlora_jax.algorithms.fedsa_lora import fedsa_lora
 from frlora_jax.algorithms.ffa_lora import ffa_lora
 from frlora_jax.algorithms.flexlora import flexlora
@@ -33,6 +34,7 @@ REGISTRY: dict[str, Builder] = {
     "flora": lambda c: flora(lora_scale=lora_lib.scale(c.lora)),
     "flexlora": lambda c: flexlora(),
     "fedsa_lora": lambda c: fedsa_lora(),
+    "fedreg": lambda c: fedreg(mu=float(c.fl.fedreg_mu), lora_scale=lora_lib.scale(c.lora)),
 }
 
 
