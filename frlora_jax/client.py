@@ -73,11 +73,12 @@ def trained_optimizer_state(tx: optax.GradientTransformation, trainable, freeze_
 
 def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
                       freeze_a: bool, local_steps: int, batch_size: int, lora_scale: float, lora_dropout: float,
-                      warmup_ratio: float, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
+                      schedule: Callable, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
                       regularizer: Optional[Callable] = None, grad_correction: Optional[Callable] = None,
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """Build `local_update(shared, client)`.
 
+  schedule(step, round_start, total_steps) -> the learning-rate multiplier (optim.make_schedule);
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
   grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD), on the whole
   trainable tree (a frozen A's entries are zeros there and dropped after);
@@ -119,7 +120,7 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
       batch = jax.tree_util.tree_map(lambda column: column[rows], data)
       loss, grads = grad_fn(trained, frozen, base, batch, k_step, client)
       updates, opt_state = tx.update(corrected(grads, frozen, client), opt_state, trained)
-      multiplier = optim.warmup_cosine(client.step0 + i, client.total_steps, warmup_ratio)
+      multiplier = schedule(client.step0 + i, client.step0, client.total_steps)
       return (optim.apply_step(trained, updates, rates, multiplier), opt_state), loss
 
     (trained, opt_state), losses = jax.lax.scan(step, (trained, opt_state), jnp.arange(local_steps))

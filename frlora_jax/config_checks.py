@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from frlora_jax import algorithms, client, dropout
 from frlora_jax.algorithms.fedopt import SERVER_RULES
+from frlora_jax.optim import SCHEDULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
 from frlora_jax.data.tasks import LM_METRICS
 
@@ -62,6 +63,7 @@ def check(config) -> None:
   if not lora.targets:
     raise ValueError("config.lora.targets is empty; give regexes of module paths, e.g. ('query', 'value').")
   _positive(optim.lr, "config.optim.lr")
+  _one_of(optim.schedule, SCHEDULES, "config.optim.schedule")
   _positive(optim.batch_size, "config.optim.batch_size")
   _positive(data.max_length, "config.data.max_length")
   _positive(config.eval_every, "config.eval_every")

@@ -103,7 +103,9 @@ def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, task_los
       apply_fn, tx=client_optimizer(config), lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
       freeze_a=freeze_a, local_steps=local_steps, batch_size=config.optim.batch_size,
       lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
-      warmup_ratio=config.optim.warmup_ratio, task_loss=task_loss, dropout_bits=config.model.dropout_bits,
+      schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
+                                   lr=config.optim.lr, min_lr=config.optim.min_lr),
+      task_loss=task_loss, dropout_bits=config.model.dropout_bits,
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
 
@@ -162,12 +164,13 @@ def initial_state(exp: Experiment) -> RunState:
   k, server = exp.num_clients, exp.initial_server
   stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
   client_state = exp.algorithm.init_client_state(server)
-  _, freeze_a = algorithms.lora_settings(exp.algorithm, exp.config.lora)
-  opt = client.trained_optimizer_state(client_optimizer(exp.config), exp.algorithm.client_start(server, client_state),
-                                       freeze_a)
+  client_opt = None
+  if exp.config.fl.keep_optimizer_state:  # the published code's AdamW, kept per client across rounds
+    _, freeze_a = algorithms.lora_settings(exp.algorithm, exp.config.lora)
+    start = exp.algorithm.client_start(server, client_state)
+    client_opt = stacked(client.trained_optimizer_state(client_optimizer(exp.config), start, freeze_a))
   return RunState(round=jnp.zeros((), jnp.int32), server=server, client_steps=jnp.zeros((k,), jnp.int32),
-                  client_opt=stacked(opt) if exp.config.fl.keep_optimizer_state else None,
-                  client_states=None if client_state is None else stacked(client_state))
+                  client_opt=client_opt, client_states=None if client_state is None else stacked(client_state))
 
 
 # ----- one round -----

@@ -29,6 +29,8 @@ from frlora_jax import experiment
                                r"defined with init='pissa'"),
     ({"fl.server_rule": "paper"}, r"config.fl.server_rule='paper' is unknown; use one of textbook, official"),
     ({"fl.algorithm": "fedprox", "fl.prox_mu": -1.0}, r"config.fl.prox_mu=-1.0 must be >= 0"),
+    ({"fl.algorithm": "fedreg", "fl.fedreg_mu": -1.0}, r"config.fl.fedreg_mu=-1.0 must be >= 0"),
+    ({"optim.schedule": "linear"}, r"config.optim.schedule='linear' is unknown; use one of warmup_cosine, round_cosine"),
 ])
 def test_bad_config_is_refused_with_the_field(make_config, overrides, message):
   with pytest.raises(ValueError, match=message):
