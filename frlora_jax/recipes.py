@@ -67,28 +67,59 @@ def variant(c, arg):
   raise ValueError(f"Unknown config variant {arg!r}; use ':official' or none.")
 
 
-LLAMA_TARGETS = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$")
+LLAMA_TARGETS = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$")   # every attention and MLP projection
 GPT2_TARGETS = (r"c_attn$", r"attn/c_proj$", r"c_fc$", r"mlp/c_proj$")
+# PEFT's default LoRA targets for Llama, used when LoraConfig gets no target_modules (as in both codes below).
+PEFT_LLAMA_DEFAULT_TARGETS = (r"(q|v)_proj$",)
 
 
 def paper_nlg(*, source: str, path: str, clients: int, per_round: int, rank: int, lr: float, rounds: int,
               partition: str = "iid", natural_field: str = "", **fields):
-  """REFERENCE.md's NLG setup: a Llama-2-7B base (override config.model.name), LoRA on q/k/v/o and
-  MLP projections, cosine schedule, 10 local steps of batch 16 at 512 tokens, alpha = 2r.
-  `fields` set config.data.* (field names of the records)."""
+  """The FRLoRA paper's NLG hyperparameters (REFERENCE.md): a Llama-2-7B base (override config.model.name),
+  clients and sampling, rank with alpha = 2r, lr and rounds. What the paper does not state comes from the
+  code its benchmark comes from: apply `openfedllm` or `fedllm_bench` after this. `fields` set config.data.*."""
   c = defaults.get_config()
   c.model.name = "meta-llama/Llama-2-7b-hf"
   data = c.data
   data.kind, data.source, data.path, data.eval_split, data.eval_fraction = "instruction", source, path, "", 0.01
-  data.metric, data.max_length, data.max_eval_examples = "perplexity", 512, 1000
+  data.metric, data.max_eval_examples = "perplexity", 1000
   for name, value in fields.items():
     data[name] = value
   c.fl.partition, c.fl.natural_field = partition, natural_field
   c.fl.num_clients, c.fl.clients_per_round = clients, per_round
   if partition == "natural":
     c.fl.natural_largest = clients
-  c.fl.rounds, c.fl.local_steps = rounds, 10
-  c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = rank, 2.0 * rank, 0.05, LLAMA_TARGETS
-  c.optim.lr, c.optim.batch_size, c.optim.weight_decay = lr, 16, 0.0
+  c.fl.rounds = rounds
+  c.lora.rank, c.lora.alpha = rank, 2.0 * rank
+  c.optim.lr = lr
   c.eval_every, c.eval_batch_size, c.checkpoint_every = 10, 8, 10
+  return c
+
+
+def openfedllm(c):
+  """OpenFedLLM's SFT settings (github rui-ye/OpenFedLLM), which MetaMathQA and Alpaca-GPT4 runs build on.
+  Verified against its config.py, main_sft.py, utils/utils.py and training_scripts/run_sft.sh."""
+  c.lora.targets = PEFT_LLAMA_DEFAULT_TARGETS  # config.py: LoraConfig(r, lora_alpha, ...) without target_modules
+  c.lora.dropout = 0.05                        # config.py: lora_dropout=0.05
+  c.data.max_length = 512                      # run_sft.sh: seq_length=512
+  c.optim.batch_size = 16                      # run_sft.sh: batch_size=16, gradient_accumulation_steps=1
+  c.fl.local_steps = 10                        # run_sft.sh: max_steps=10 (local steps per round)
+  c.optim.schedule = "round_cosine"            # main_sft.py: cosine_learning_rate(round, num_rounds, lr, 1e-6) per
+  c.optim.min_lr = 1e-6                        #   round; config.py: lr_scheduler_type="constant" within a round
+  c.optim.warmup_ratio = 0.0                   # TrainingArguments default: no warmup
+  c.optim.weight_decay = 0.0                   # TrainingArguments default (AdamW, betas 0.9/0.999, eps 1e-8)
+  c.model.dtype = "bfloat16"                   # run_sft.sh: --load_in_8bit (bf16 compute); this project: bf16
+  return c
+
+
+def fedllm_bench(c, *, local_steps: int):
+  """FedLLM-Bench's settings (github rui-ye/FedLLM-Bench) for Fed-Aya, Fed-ChatbotIT and Fed-WildChat.
+  Verified against its config.py, main_sft.py and training_scripts/{FedAya/aya_all.sh,
+  FedChatbotIT/all.sh, FedWildChat/single_turn/all.sh}."""
+  openfedllm(c)                                # config.py and main_sft.py are OpenFedLLM's: same targets,
+                                               # dropout and per-round cosine schedule to 1e-6
+  c.data.max_length = 1024                     # *all.sh: seq_length=1024
+  c.optim.batch_size = 16                      # *all.sh: batch_size=4 x gradient_accumulation_steps=4: the same
+                                               #   16-example mean gradient (accumulation itself is not built yet)
+  c.fl.local_steps = local_steps               # *all.sh: max_steps (the rounds, num_rounds, are set by paper_nlg)
   return c
