@@ -71,13 +71,24 @@ def trained_optimizer_state(tx: optax.GradientTransformation, trainable, freeze_
   return tx.init(split_trainable(trainable, freeze_a)[0])
 
 
+def examples_in(batch):
+  """Loss units of a classification batch: its examples (the loss is their mean)."""
+  return jnp.asarray(jax.tree_util.tree_leaves(batch)[0].shape[0], jnp.float32)
+
+
 def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
                       freeze_a: bool, local_steps: int, batch_size: int, lora_scale: float, lora_dropout: float,
                       schedule: Callable, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
+                      grad_accum: int = 1, loss_units: Callable = examples_in,
                       regularizer: Optional[Callable] = None, grad_correction: Optional[Callable] = None,
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """Build `local_update(shared, client)`.
 
+  Each local step draws grad_accum * batch_size rows (as one batch of that size would) and,
+  with grad_accum > 1, runs them as grad_accum micro-batches of batch_size one after another,
+  weighting each micro-batch's loss and gradient by its share of `loss_units` (examples, or
+  response tokens for LMs), so the step equals the big batch's up to float rounding and
+  dropout masks (drawn per micro-batch) while holding one micro-batch's activations.
   schedule(step, round_start, total_steps) -> the learning-rate multiplier (optim.make_schedule);
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
   grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD), on the whole
@@ -87,19 +98,39 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
   dropout_bits picks the dropout masks' random bits per element (see dropout.py).
   """
 
-  def loss_fn(trained, frozen, base, batch, rng, client):
+  def batch_loss(trained, frozen, base, batch, rng):
     trainable = join_trainable(trained, frozen)
     k_model, k_lora = jax.random.split(rng)
     params = lora_lib.join_trees(base, trainable["head"])
     with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora, dropout_bits), \
         dropout_lib.interceptor(dropout_bits):
       logits = apply_fn(params, batch, k_model, deterministic=False)
-    loss = task_loss(logits, batch)
+    return task_loss(logits, batch)
+
+  def loss_fn(trained, frozen, base, batch, rng, client):
+    loss = batch_loss(trained, frozen, base, batch, rng)
     if regularizer is not None:
-      loss = loss + regularizer(trainable, client)
+      loss = loss + regularizer(join_trainable(trained, frozen), client)
     return loss
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  def accumulated_value_and_grad(trained, frozen, base, batch, rng, client):
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, batch_size) + x.shape[1:]), batch)
+    units = jax.vmap(loss_units)(micro)
+    shares = units / jnp.maximum(units.sum(), 1e-9)
+
+    def add_micro_batch(total, xs):
+      micro_batch, key, share = xs
+      loss, grads = jax.value_and_grad(batch_loss)(trained, frozen, base, micro_batch, key)
+      return (total[0] + share * loss, jax.tree_util.tree_map(lambda t, g: t + share * g, total[1], grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trained))
+    (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, (micro, jax.random.split(rng, grad_accum), shares))
+    if regularizer is not None:
+      penalty, penalty_grads = jax.value_and_grad(lambda t: regularizer(join_trainable(t, frozen), client))(trained)
+      loss, grads = loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
+    return loss, grads
+
+  grad_fn = jax.value_and_grad(loss_fn) if grad_accum == 1 else accumulated_value_and_grad
 
   def corrected(grads, frozen, client):
     if grad_correction is None:
@@ -116,7 +147,7 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
     def step(carry, i):
       trained, opt_state = carry
       k_batch, k_step = jax.random.split(jax.random.fold_in(client.rng, i))
-      rows = client.indices[jax.random.randint(k_batch, (batch_size,), 0, client.count)]
+      rows = client.indices[jax.random.randint(k_batch, (grad_accum * batch_size,), 0, client.count)]
       batch = jax.tree_util.tree_map(lambda column: column[rows], data)
       loss, grads = grad_fn(trained, frozen, base, batch, k_step, client)
       updates, opt_state = tx.update(corrected(grads, frozen, client), opt_state, trained)

@@ -91,7 +91,8 @@ def get_config():
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
   c.optim.head_lr = 0.0           # 0: same as lr
-  c.optim.batch_size = 64
+  c.optim.batch_size = 64          # examples per (micro-)batch
+  c.optim.grad_accum = 1           # micro-batches per local step: the step's batch is batch_size * grad_accum
   c.optim.weight_decay = 0.0
   c.optim.schedule = "warmup_cosine"  # warmup_cosine (HF, per step over all rounds) | round_cosine (OpenFedLLM)
   c.optim.warmup_ratio = 0.03     # warmup_cosine

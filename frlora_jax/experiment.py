@@ -95,8 +95,8 @@ def client_optimizer(config):
   return optim.adamw_direction(config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay)
 
 
-def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, task_loss: Callable, local_steps: int,
-                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
+def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, workload: workloads.Workload,
+                      local_steps: int, on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """One client's `local_update(shared, client_input)` under this config and algorithm."""
   _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
   return client.make_local_update(
@@ -105,7 +105,8 @@ def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, task_los
       lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
       schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
                                    lr=config.optim.lr, min_lr=config.optim.min_lr),
-      task_loss=task_loss, dropout_bits=config.model.dropout_bits,
+      task_loss=workload.task_loss, loss_units=workload.loss_units, grad_accum=config.optim.grad_accum,
+      dropout_bits=config.model.dropout_bits,
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
 
@@ -145,7 +146,7 @@ def _assemble(config, model, data) -> Experiment:
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)
   client_bar = run_log.ClientBar()
-  local_update = make_local_update(config, algorithm, apply_fn, workload.task_loss, config.fl.local_steps,
+  local_update = make_local_update(config, algorithm, apply_fn, workload, config.fl.local_steps,
                                    on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   rows, counts = data_lib.partition.pack(data.client_indices)

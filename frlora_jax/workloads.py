@@ -28,6 +28,7 @@ class Workload:
   make_apply: Callable[[models.Model], Callable]       # -> apply(params, batch, rng, deterministic)
   task_loss: Callable                                  # (logits, batch) -> scalar
   make_evaluator: Callable[..., tuple[Evaluator, Callable | None]]  # -> (evaluate, predict or None)
+  loss_units: Callable                                 # batch -> what task_loss averages over (for grad_accum)
 
 
 def dtype_of(name: str):
@@ -64,7 +65,8 @@ def _classification_evaluator(config, model, data, apply_fn, scale: float):
   return evaluate, predict
 
 
-CLASSIFICATION = Workload(_load_classifier, models.make_apply, client.softmax_cross_entropy, _classification_evaluator)
+CLASSIFICATION = Workload(_load_classifier, models.make_apply, client.softmax_cross_entropy, _classification_evaluator,
+                          client.examples_in)
 
 
 # ----- causal-LM instruction tuning -----
@@ -126,7 +128,12 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
   return evaluate, None
 
 
-CAUSAL_LM = Workload(_load_causal_lm, causal_lm.make_apply, response_loss, _lm_evaluator)
+def response_tokens(batch):
+  """Loss units of an LM batch: its response tokens (response_loss is their mean)."""
+  return batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
+
+
+CAUSAL_LM = Workload(_load_causal_lm, causal_lm.make_apply, response_loss, _lm_evaluator, response_tokens)
 
 
 def for_config(config) -> Workload:

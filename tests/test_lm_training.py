@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import write_tiny_lm
@@ -57,3 +58,28 @@ def test_gpt2_trains_through_train_py(exams_jsonl, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["round"] for r in records] == [1, 2] and np.isfinite(records[-1]["eval"]["perplexity"])
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path, algorithm):
+  """batch 2 x 4 micro-batches == one batch of 8: same rows, micro-batches weighted by response tokens.
+
+  Responses vary in length, so an unweighted mean of micro-batch losses would differ; Llama has no
+  dropout and LoRA dropout is off, so the two runs see the same function."""
+  from conftest import tiny_lm_config, write_jsonl
+  rng = np.random.default_rng(0)
+  rows = [{"input": [{"role": "user", "content": f"Say yes {i % 7} times."}],
+           "ideal": " ".join(["yes"] * int(rng.integers(1, 12))), "language": ["a", "b"][i % 2]} for i in range(60)]
+  data = write_jsonl(tmp_path / "yes.jsonl", rows)
+  outputs = {}
+  for batch, accum in ((8, 1), (2, 4)):
+    config = tiny_lm_config(tiny_llama_dir, data, **{
+        "optim.batch_size": batch, "optim.grad_accum": accum, "lora.dropout": 0.0, "fl.algorithm": algorithm,
+        "fl.prox_mu": 0.5, "fl.num_clients": 2, "fl.local_steps": 3, "data.answer_format": "none",
+        "data.metric": "perplexity", "data.reference_field": ""})
+    exp = experiment.build(config)
+    out = experiment.local_updates(exp, exp.init_state(), 0).output
+    outputs[accum] = (np.asarray(out.loss), [np.asarray(x) for x in jax.tree_util.tree_leaves(out.trainable)])
+  np.testing.assert_allclose(outputs[4][0], outputs[1][0], rtol=1e-5)
+  for accumulated, big in zip(outputs[4][1], outputs[1][1]):
+    np.testing.assert_allclose(accumulated, big, rtol=2e-4, atol=2e-6)
