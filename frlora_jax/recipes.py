@@ -102,7 +102,8 @@ def openfedllm(c):
   c.lora.targets = PEFT_LLAMA_DEFAULT_TARGETS  # config.py: LoraConfig(r, lora_alpha, ...) without target_modules
   c.lora.dropout = 0.05                        # config.py: lora_dropout=0.05
   c.data.max_length = 512                      # run_sft.sh: seq_length=512
-  c.optim.batch_size = 16                      # run_sft.sh: batch_size=16, gradient_accumulation_steps=1
+  c.optim.batch_size = 16                      # run_sft.sh: batch_size=16
+  c.optim.grad_accum = 1                       # run_sft.sh: gradient_accumulation_steps=1
   c.fl.local_steps = 10                        # run_sft.sh: max_steps=10 (local steps per round)
   c.optim.schedule = "round_cosine"            # main_sft.py: cosine_learning_rate(round, num_rounds, lr, 1e-6) per
   c.optim.min_lr = 1e-6                        #   round; config.py: lr_scheduler_type="constant" within a round
@@ -119,7 +120,7 @@ def fedllm_bench(c, *, local_steps: int):
   openfedllm(c)                                # config.py and main_sft.py are OpenFedLLM's: same targets,
                                                # dropout and per-round cosine schedule to 1e-6
   c.data.max_length = 1024                     # *all.sh: seq_length=1024
-  c.optim.batch_size = 16                      # *all.sh: batch_size=4 x gradient_accumulation_steps=4: the same
-                                               #   16-example mean gradient (accumulation itself is not built yet)
+  c.optim.batch_size = 4                       # *all.sh: batch_size=4
+  c.optim.grad_accum = 4                       # *all.sh: gradient_accumulation_steps=4
   c.fl.local_steps = local_steps               # *all.sh: max_steps (the rounds, num_rounds, are set by paper_nlg)
   return c

@@ -36,14 +36,15 @@ def test_official_variant_is_the_published_code(name):
                                                                                             "official", True)
 
 
-@pytest.mark.parametrize("name, max_length, local_steps, rounds", [
-    ("metamathqa", 512, 10, 100), ("alpaca_gpt4", 512, 10, 100),   # OpenFedLLM run_sft.sh; paper's rounds
-    ("fed_aya", 1024, 10, 200), ("fed_chatbotit", 1024, 5, 100), ("fed_wildchat", 1024, 10, 100),  # FedLLM-Bench
+@pytest.mark.parametrize("name, max_length, local_steps, rounds, batch, accum", [
+    ("metamathqa", 512, 10, 100, 16, 1), ("alpaca_gpt4", 512, 10, 100, 16, 1),  # OpenFedLLM run_sft.sh
+    ("fed_aya", 1024, 10, 200, 4, 4), ("fed_chatbotit", 1024, 5, 100, 4, 4),    # FedLLM-Bench's scripts
+    ("fed_wildchat", 1024, 10, 100, 4, 4),
 ])
-def test_nlg_configs_carry_the_benchmark_codes_settings(name, max_length, local_steps, rounds):
+def test_nlg_configs_carry_the_benchmark_codes_settings(name, max_length, local_steps, rounds, batch, accum):
   c = load(os.path.join(ROOT, "configs", f"{name}.py"))
   assert tuple(c.lora.targets) == recipes.PEFT_LLAMA_DEFAULT_TARGETS  # no target_modules: PEFT's q_proj, v_proj
-  assert (c.data.max_length, c.fl.local_steps, c.fl.rounds, c.optim.batch_size) == (max_length, local_steps,
-                                                                                    rounds, 16)
+  assert (c.data.max_length, c.fl.local_steps, c.fl.rounds) == (max_length, local_steps, rounds)
+  assert (c.optim.batch_size, c.optim.grad_accum) == (batch, accum)
   assert (c.optim.schedule, c.optim.min_lr, c.lora.dropout, c.lora.alpha) == ("round_cosine", 1e-6, 0.05,
                                                                                2 * c.lora.rank)
