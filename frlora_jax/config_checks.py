@@ -1,7 +1,7 @@
 """Checks of a config that need no data or model: they run before any work is done."""
 from __future__ import annotations
 
-from frlora_jax import algorithms, client, dropout
+from frlora_jax import algorithms, client, dropout, remat
 from frlora_jax.algorithms.fedopt import SERVER_RULES
 from frlora_jax.optim import SCHEDULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
@@ -37,6 +37,7 @@ def check(config) -> None:
   _one_of(lora.init, LORA_INITS, "config.lora.init")
   _one_of(config.model.dtype, DTYPES, "config.model.dtype")
   _one_of(config.model.dropout_bits, dropout.BITS, "config.model.dropout_bits")
+  remat.check(config.model.remat)
   _one_of(data.kind, ("classification", "instruction"), "config.data.kind")
   if data.kind == "instruction":
     check_instruction(config)

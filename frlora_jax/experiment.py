@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, models,
-                        optim, run_log, workloads)
+                        optim, remat, run_log, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -146,7 +146,8 @@ def _assemble(config, model, data) -> Experiment:
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)
   client_bar = run_log.ClientBar()
-  local_update = make_local_update(config, algorithm, apply_fn, workload, config.fl.local_steps,
+  train_apply = remat.with_remat(apply_fn, model.family, config.model.remat)
+  local_update = make_local_update(config, algorithm, train_apply, workload, config.fl.local_steps,
                                    on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   rows, counts = data_lib.partition.pack(data.client_indices)
