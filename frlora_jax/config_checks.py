@@ -1,7 +1,7 @@
 """Checks of a config that need no data or model: they run before any work is done."""
 from __future__ import annotations
 
-from frlora_jax import algorithms, client, dropout, remat
+from frlora_jax import algorithms, client, dropout, remat, weights
 from frlora_jax.algorithms.fedopt import SERVER_RULES
 from frlora_jax.optim import SCHEDULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
@@ -10,7 +10,7 @@ from frlora_jax.data.tasks import LM_METRICS
 LORA_INITS = ("auto", "kaiming", "pissa")
 WEIGHTINGS = ("data_size", "uniform")
 SCHEDULE_STEPS = ("local", "loader")
-DTYPES = ("float32", "bfloat16")
+DTYPES = tuple(weights.DTYPES)
 
 
 def _one_of(value, choices, field: str) -> None:
@@ -36,6 +36,7 @@ def check(config) -> None:
   _one_of(data.metric, METRICS, "config.data.metric")
   _one_of(lora.init, LORA_INITS, "config.lora.init")
   _one_of(config.model.dtype, DTYPES, "config.model.dtype")
+  _one_of(config.model.param_dtype, DTYPES, "config.model.param_dtype")
   _one_of(config.model.dropout_bits, dropout.BITS, "config.model.dropout_bits")
   remat.check(config.model.remat)
   _one_of(data.kind, ("classification", "instruction"), "config.data.kind")

@@ -18,7 +18,9 @@ def get_config():
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "roberta-base"   # hub id, local dir, or pypi:<pkg>==<ver>/<dir in wheel>
-  c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16
+  c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16 | float16
+  c.model.param_dtype = "float32" # storage dtype of the frozen base: float32 | bfloat16 | float16 (LoRA, head,
+                                  # optimizer states stay float32; FRLoRA/FLoRA keep their targets float32)
   c.model.remat = "none"          # none | block | full | a jax.checkpoint_policies name: recompute activations in backward
   c.model.dropout_bits = 32       # random bits per dropout draw: 32 (exact rate) | 16 | 8 (faster, rate rounded to 1/256)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, models,
-                        optim, remat, run_log, workloads)
+                        optim, remat, run_log, weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -113,12 +113,16 @@ def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, workload
 def initial_server(config, model: models.Model, algorithm: Algorithm) -> ServerState:
   """The global model before round 1: LoRA initialised as the algorithm defines, then its server state."""
   base, head = lora_lib.split_tree(model.params, model.head_patterns)
+  base = jax.tree_util.tree_map(lambda x: jnp.asarray(x, weights.dtype_of(config.model.param_dtype)), base)
+  head = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), head)
   targets = lora_lib.find_targets(base, config.lora.targets)
   if not targets:
     example = lora_lib.path_str(next(iter(lora_lib.find_targets(base, ["."]))))
     raise ValueError(f"config.lora.targets={tuple(config.lora.targets)} match no 2-D kernel of "
                      f"{config.model.name!r}; module paths look like {example}.")
   lora_lib.check_rank(targets, config.lora.rank)
+  if algorithm.updates_base:  # exact residual accumulation: float32 targets, whatever the storage dtype
+    base = lora_lib.with_kernel_dtype(base, targets, jnp.float32)
   init, _ = algorithms.lora_settings(algorithm, config.lora)
   init_key, _ = random_streams(config.seed)
   lora_key, algorithm_key = jax.random.split(init_key)

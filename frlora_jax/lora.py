@@ -100,6 +100,11 @@ def replace_kernels(params, kernels: dict[Path, jax.Array]):
   return traverse_util.unflatten_dict(flat)
 
 
+def with_kernel_dtype(params, paths, dtype):
+  """`params` with the kernels at `paths` cast to `dtype` (e.g. float32 masters of low-precision targets)."""
+  return replace_kernels(params, {path: jnp.asarray(get_kernel(params, path), dtype) for path in paths})
+
+
 def add_to_kernels(params, deltas: dict[Path, jax.Array]):
   """`params` with W + dW at every module path of `deltas`, summed in float32, stored in W's dtype."""
   kernels = {}

@@ -7,6 +7,7 @@ tree (frozen base joined with the trainable head); LoRA enters through
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -56,19 +57,28 @@ def load_tokenizer(name: str):
   return AutoTokenizer.from_pretrained(resolve_model_dir(name))
 
 
-def load_classifier(name: str, num_labels: int, dtype=jnp.float32) -> Model:
-  """A sequence classifier with a fresh `num_labels` head, and its tokenizer."""
+def storage_dtypes(family: str, param_dtype):
+  """path -> dtype: the frozen base in `param_dtype`, the trained task head always float32."""
+  heads = [re.compile(p) for p in HEAD_PATTERNS.get(family, ())]
+  return lambda path: jnp.float32 if any(h.search("/".join(path)) for h in heads) else param_dtype
+
+
+def load_classifier(name: str, num_labels: int, dtype=jnp.float32, param_dtype=jnp.float32) -> Model:
+  """A sequence classifier with a fresh `num_labels` head, and its tokenizer.
+
+  dtype: compute dtype; param_dtype: storage dtype of the frozen base (see weights.py).
+  """
   from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
+  from frlora_jax import weights
   source = resolve_model_dir(name)
   hf_config = AutoConfig.from_pretrained(source, num_labels=num_labels)
   family = hf_config.model_type
   if family not in ENCODER_FAMILIES:
     raise ValueError(f"config.model.name={name!r} is a {family!r} model; sequence classification "
                      f"supports {ENCODER_FAMILIES}. Pick an encoder checkpoint.")
-  model = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=hf_config, dtype=dtype)
-  tokenizer = load_tokenizer(source)
-  params = jax.tree_util.tree_map(jnp.asarray, model.params)
-  return Model(model.module, params, family, hf_config, tokenizer, source)
+  module, params = weights.load_params(source, FlaxAutoModelForSequenceClassification, hf_config, compute_dtype=dtype,
+                                       storage_dtype=storage_dtypes(family, param_dtype))
+  return Model(module, params, family, hf_config, load_tokenizer(source), source)
 
 
 def random_classifier(arch: str, *, hidden: int, layers: int, heads: int, vocab: int,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from frlora_jax import causal_lm, client, generation, metrics, models
+from frlora_jax import causal_lm, client, generation, metrics, models, weights
 from frlora_jax import lora as lora_lib
 from frlora_jax.data import instructions, pad_token_id
 
@@ -32,13 +32,15 @@ class Workload:
 
 
 def dtype_of(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  """A compute or storage dtype by name (float32 | bfloat16 | float16)."""
+  return weights.dtype_of(name, "config.model.dtype")
 
 
 # ----- sequence classification -----
 
 def _load_classifier(config, data) -> models.Model:
-  return models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype))
+  return models.load_classifier(config.model.name, data.num_labels, dtype_of(config.model.dtype),
+                                weights.dtype_of(config.model.param_dtype))
 
 
 def _classification_evaluator(config, model, data, apply_fn, scale: float):
@@ -84,7 +86,8 @@ def response_loss(logits, batch):
 
 
 def _load_causal_lm(config, data) -> models.Model:
-  return causal_lm.load_causal_lm(config.model.name, dtype_of(config.model.dtype))
+  return causal_lm.load_causal_lm(config.model.name, dtype_of(config.model.dtype),
+                                  weights.dtype_of(config.model.param_dtype))
 
 
 def _lm_evaluator(config, model, data, apply_fn, scale: float):

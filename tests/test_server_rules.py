@@ -280,3 +280,43 @@ def test_fedreg_penalty_is_the_update_norm():
   new, _ = algorithm.aggregate(server, clients, w, None)  # and FedAvg's aggregate
   for got, leaf in zip(_leaves({"lora": new.lora, "head": new.head}), _leaves(clients)):
     np.testing.assert_allclose(got, np.einsum("k,k...->...", _np(w), leaf), atol=1e-6)
+
+
+def _residual_accumulation_error(float32_targets: bool, rounds: int = 200, update_scale: float = 2e-4) -> float:
+  """Relative error of FRLoRA's accumulated update on a bf16 base after `rounds` small rounds.
+
+  The base is stored in bf16 (weights ~N(0, 0.02^2), whose half-ulp is ~6e-5); each round's
+  update is a few 1e-5 per element, as in a real run at small learning rates. The reference
+  sums the same updates in float64.
+  """
+  rng = np.random.default_rng(0)
+  algorithm = algorithms.from_config(_config("frlora"))
+  base = {"enc": {p[-1]: {"kernel": jnp.asarray(0.02 * rng.normal(size=(D_IN, D_OUT)), jnp.bfloat16)}
+                  for p in TARGETS}}
+  if float32_targets:
+    base = lora.with_kernel_dtype(base, TARGETS, jnp.float32)  # what experiment.initial_server does
+  lora0, base = lora.init_pissa(base, {p: (D_IN, D_OUT) for p in TARGETS}, RANK, SCALE)
+  head = {"classifier": {"kernel": jnp.zeros((D_OUT, 2)), "bias": jnp.zeros((2,))}}
+  server = algorithm.init(ServerState(base=base, lora=lora0, head=head), jax.random.PRNGKey(0))
+  start = {p: _np(lora.get_kernel(base, p)) for p in TARGETS}
+  total = {p: np.zeros((D_IN, D_OUT)) for p in TARGETS}
+  for _ in range(rounds):
+    clients, w = _clients(server, rng, noise=update_scale), _weights(rng)
+    for path, init in lora.lora_entries(server.lora).items():
+      entry = lora.lora_entries(clients["lora"])[path]
+      a, b = np.einsum("k,kir->ir", _np(w), _np(entry["a"])), np.einsum("k,kro->ro", _np(w), _np(entry["b"]))
+      total[path] += SCALE * (a @ b - _np(init["a"]) @ _np(init["b"]))
+    server, _ = algorithm.aggregate(server, clients, w, None)
+  errors = [np.linalg.norm(_np(lora.get_kernel(server.base, p)) - start[p] - total[p]) / np.linalg.norm(total[p])
+            for p in TARGETS]
+  return float(max(errors))
+
+
+def test_residual_accumulation_is_exact_on_a_bf16_base():
+  """FRLoRA on a bf16 base keeps float32 targets: 200 rounds of small updates match a float64 sum, while
+  adding them to the bf16 weights themselves loses much of the total update."""
+  exact, naive = _residual_accumulation_error(True), _residual_accumulation_error(False)
+  print(f"relative error of the accumulated update after 200 rounds: float32 targets {exact:.2e}, "
+        f"bf16 targets {naive:.2e}")
+  assert exact < 1e-3   # float32's own rounding in s (A B - A0 B0), as in an all-float32 run
+  assert naive > 0.2

@@ -46,6 +46,9 @@ class Algorithm(NamedTuple):
     algorithms that personalise (evaluated per client as well), or None.
   - regularizer(trainable, client_input) -> scalar added to the local loss, or None.
   - grad_correction(grads, client_input) -> grads, or None (grads has the trainable tree's shape).
+  - updates_base: the rule adds updates to the frozen base every round (FRLoRA's residual,
+    FLoRA's merge): its targeted kernels are then kept in float32 whatever the storage dtype,
+    so small updates are not rounded away (exact residual accumulation).
   - uploads / downloads: the parts a client sends / receives each round ('lora', 'lora_a',
     'lora_b', 'head', 'control', 'lora_stacked'), for the communication accounting.
   """
@@ -61,6 +64,7 @@ class Algorithm(NamedTuple):
   personal_trees: Optional[Callable] = None
   regularizer: Optional[Callable] = None
   grad_correction: Optional[Callable] = None
+  updates_base: bool = False
   uploads: tuple = ("lora", "head")
   downloads: tuple = ("lora", "head")
 

@@ -47,5 +47,5 @@ def flora(*, lora_scale: float) -> Algorithm:
         algorithm_state={"key": key, "round": round_}), client_states
 
   # Clients download the stacked factors of every sampled client (to merge them locally).
-  return Algorithm(name="flora", lora_init="kaiming", aggregate=aggregate, init=init,
+  return Algorithm(name="flora", lora_init="kaiming", aggregate=aggregate, init=init, updates_base=True,
                    downloads=("lora_stacked", "head"))
