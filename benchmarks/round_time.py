@@ -84,10 +84,8 @@ def _timed(fn) -> float:
 
 def step_flops(exp, state) -> float:
   """XLA's FLOP count for one client's single local step (forward, backward, AdamW)."""
-  from frlora_jax import client, experiment, workloads
-  workload = workloads.for_config(exp.config)
-  one_step = experiment.make_local_update(exp.config, exp.algorithm, workload.make_apply(exp.model), workload,
-                                          local_steps=1)
+  from frlora_jax import client, experiment
+  one_step = experiment.make_local_update(exp.config, exp.algorithm, exp.model, local_steps=1)
   start = exp.algorithm.client_start(state.server, None)
   inputs = client.ClientInput(start=start, indices=exp.device_data["rows"][0], count=exp.device_data["counts"][0],
                               rng=jax.random.PRNGKey(0), step0=jnp.int32(0), total_steps=jnp.int32(10))

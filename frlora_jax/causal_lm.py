@@ -189,6 +189,34 @@ def make_apply(model: Model) -> Callable:
   return apply
 
 
+def make_hidden_apply(model: Model) -> Callable:
+  """Pure `apply(params, batch, rng, deterministic) -> (last hidden state [B, L, H], output kernel [H, V])`.
+
+  The logits are hidden @ kernel in the model's compute dtype (what lm_head computes); the
+  lean loss (workloads.chunked_response_loss) forms them a chunk of positions at a time.
+  """
+  module, family, hf_config = model.module, model.family, model.hf_config
+
+  def hidden_states(m, ids, mask, pos, deterministic):
+    if family == "llama":
+      return m.model(ids, position_ids=pos, attention_mask=mask, deterministic=deterministic)[0]
+    return m.transformer(ids, mask, pos, deterministic=deterministic)[0]
+
+  def apply(params, batch, rng=None, deterministic=True):
+    mask = batch["attention_mask"]
+    rngs = {} if deterministic or rng is None else {"dropout": rng}
+    with model_fixes(family):
+      hidden = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
+                            deterministic or rng is None, rngs=rngs, method=hidden_states)
+    if family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True):
+      kernel = jnp.transpose(params["transformer"]["wte"]["embedding"])
+    else:
+      kernel = params["lm_head"]["kernel"]
+    return hidden, kernel
+
+  return apply
+
+
 def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
   """(init_cache(batch, length), step(params, cache, ids, mask, pos) -> (logits, cache)) for decoding.
 

@@ -68,6 +68,7 @@ def check(config) -> None:
   _one_of(optim.schedule, SCHEDULES, "config.optim.schedule")
   _positive(optim.batch_size, "config.optim.batch_size")
   _positive(optim.grad_accum, "config.optim.grad_accum")
+  _positive(config.model.logits_chunk, "config.model.logits_chunk", allow_zero=True)
   _positive(data.max_length, "config.data.max_length")
   _positive(config.eval_every, "config.eval_every")
   _positive(config.eval_batch_size, "config.eval_batch_size")

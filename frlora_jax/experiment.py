@@ -95,17 +95,19 @@ def client_optimizer(config):
   return optim.adamw_direction(config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay)
 
 
-def make_local_update(config, algorithm: Algorithm, apply_fn: Callable, workload: workloads.Workload,
-                      local_steps: int, on_client_done: Callable[[], None] = lambda: None) -> Callable:
+def make_local_update(config, algorithm: Algorithm, model: models.Model, local_steps: int,
+                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """One client's `local_update(shared, client_input)` under this config and algorithm."""
+  workload = workloads.for_config(config)
+  train_apply, task_loss = workload.make_training(model, config)
   _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
   return client.make_local_update(
-      apply_fn, tx=client_optimizer(config), lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
+      remat.with_remat(train_apply, model.family, config.model.remat), tx=client_optimizer(config), lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
       freeze_a=freeze_a, local_steps=local_steps, batch_size=config.optim.batch_size,
       lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
       schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
                                    lr=config.optim.lr, min_lr=config.optim.min_lr),
-      task_loss=workload.task_loss, loss_units=workload.loss_units, grad_accum=config.optim.grad_accum,
+      task_loss=task_loss, loss_units=workload.loss_units, grad_accum=config.optim.grad_accum,
       dropout_bits=config.model.dropout_bits,
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
@@ -150,9 +152,7 @@ def _assemble(config, model, data) -> Experiment:
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)
   client_bar = run_log.ClientBar()
-  train_apply = remat.with_remat(apply_fn, model.family, config.model.remat)
-  local_update = make_local_update(config, algorithm, train_apply, workload, config.fl.local_steps,
-                                   on_client_done=client_bar.tick)
+  local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   rows, counts = data_lib.partition.pack(data.client_indices)
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))

@@ -7,7 +7,9 @@ client executors and the server rules are shared and never ask which it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -25,8 +27,8 @@ Evaluator = Callable[[Any, Any, Any], dict]  # (base, lora, head) -> metrics
 @dataclasses.dataclass(frozen=True)
 class Workload:
   load_model: Callable[[Any, Any], models.Model]       # (config, data) -> Model
-  make_apply: Callable[[models.Model], Callable]       # -> apply(params, batch, rng, deterministic)
-  task_loss: Callable                                  # (logits, batch) -> scalar
+  make_apply: Callable[[models.Model], Callable]       # -> apply(params, batch, rng, deterministic) -> logits
+  make_training: Callable                              # (model, config) -> (train apply, task_loss(outputs, batch))
   make_evaluator: Callable[..., tuple[Evaluator, Callable | None]]  # -> (evaluate, predict or None)
   loss_units: Callable                                 # batch -> what task_loss averages over (for grad_accum)
 
@@ -67,7 +69,11 @@ def _classification_evaluator(config, model, data, apply_fn, scale: float):
   return evaluate, predict
 
 
-CLASSIFICATION = Workload(_load_classifier, models.make_apply, client.softmax_cross_entropy, _classification_evaluator,
+def _classification_training(model, config):
+  return models.make_apply(model), client.softmax_cross_entropy
+
+
+CLASSIFICATION = Workload(_load_classifier, models.make_apply, _classification_training, _classification_evaluator,
                           client.examples_in)
 
 
@@ -77,6 +83,30 @@ def token_losses(logits, batch):
   """Next-token cross-entropy per position [B, L-1] and its mask (1 on response tokens)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
   return ce, batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def chunked_response_loss(outputs, batch, chunk: int):
+  """response_loss from (last hidden state, output kernel), `chunk` positions at a time.
+
+  Each chunk's logits [B, chunk, V] are formed, reduced to its masked cross-entropy sum and
+  dropped; jax.checkpoint recomputes them in the backward pass, so neither pass holds the
+  [B, L, V] float32 logits (1 GB at 16 x 512 x 32000).
+  """
+  hidden, kernel = outputs
+  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+  hidden = hidden[:, :-1]
+  length = hidden.shape[1]
+  pad = (-length) % chunk
+  chunks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+      (x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_sum(h, t, m):
+    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)  # lm_head in the compute dtype
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum()
+
+  sums = jax.lax.map(lambda xs: chunk_sum(*xs), (chunks(hidden), chunks(targets), chunks(mask)))
+  return sums.sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def response_loss(logits, batch):
@@ -136,7 +166,15 @@ def response_tokens(batch):
   return batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
 
 
-CAUSAL_LM = Workload(_load_causal_lm, causal_lm.make_apply, response_loss, _lm_evaluator, response_tokens)
+def _lm_training(model, config):
+  """The lean chunked loss, unless model.logits_chunk is 0 or LoRA targets the output layer itself."""
+  chunk = config.model.logits_chunk
+  if not chunk or any(re.search(p, "lm_head") for p in config.lora.targets):
+    return causal_lm.make_apply(model), response_loss
+  return causal_lm.make_hidden_apply(model), functools.partial(chunked_response_loss, chunk=chunk)
+
+
+CAUSAL_LM = Workload(_load_causal_lm, causal_lm.make_apply, _lm_training, _lm_evaluator, response_tokens)
 
 
 def for_config(config) -> Workload:

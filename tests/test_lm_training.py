@@ -83,3 +83,51 @@ def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path, algori
   np.testing.assert_allclose(outputs[4][0], outputs[1][0], rtol=1e-5)
   for accumulated, big in zip(outputs[4][1], outputs[1][1]):
     np.testing.assert_allclose(accumulated, big, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("chunk", [5, 512])
+def test_chunked_loss_equals_the_full_logits_loss(arch, chunk):
+  """Loss and LoRA gradients from (hidden, kernel) in chunks equal response_loss on full logits."""
+  from frlora_jax import causal_lm, lora, workloads
+  model = causal_lm.random_causal_lm(arch, hidden=32, layers=2, heads=4, vocab=300, max_positions=64,
+                                     initializer_range=0.2)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 300, size=(3, 23)).astype(np.int32)
+  mask = (rng.random((3, 23)) < 0.6).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": mask}
+  base, _ = lora.split_tree(model.params, model.head_patterns)
+  targets = lora.find_targets(base, [r"(q|v)_proj$", r"c_attn$"])
+  tree = lora.map_lora(lambda e: {"a": e["a"], "b": e["b"] + 0.05},
+                       lora.init_kaiming(jax.random.PRNGKey(0), targets, 4))
+  full, hidden = causal_lm.make_apply(model), causal_lm.make_hidden_apply(model)
+
+  def loss(tree, chunked):
+    with lora.interceptor(tree, 2.0):
+      if chunked:
+        return workloads.chunked_response_loss(hidden(base, batch), batch, chunk)
+      return workloads.response_loss(full(base, batch), batch)
+
+  (value, grads), (value_c, grads_c) = (jax.value_and_grad(loss)(tree, c) for c in (False, True))
+  np.testing.assert_allclose(float(value_c), float(value), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads_c), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_holds_no_full_logits():
+  """In the compiled gradient, no buffer has the [batch, seq, vocab] float32 shape of full logits."""
+  from frlora_jax import causal_lm, lora, workloads
+  model = causal_lm.random_causal_lm("llama", hidden=32, layers=1, heads=4, vocab=5000, max_positions=256)
+  base, _ = lora.split_tree(model.params, model.head_patterns)
+  tree = lora.init_kaiming(jax.random.PRNGKey(0), lora.find_targets(base, [r"q_proj$"]), 4)
+  ids = np.zeros((4, 128), np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+  hidden = causal_lm.make_hidden_apply(model)
+
+  def loss(tree):
+    with lora.interceptor(tree, 2.0):
+      return workloads.chunked_response_loss(hidden(base, batch), batch, 32)
+
+  hlo = jax.jit(jax.grad(loss)).lower(tree).as_text()
+  assert "4x127x5000xf32" not in hlo and "4x128x5000xf32" not in hlo
+  assert "4x32x5000xf32" in hlo  # one chunk's logits
