@@ -87,9 +87,10 @@ def step_flops(exp, state) -> float:
   from frlora_jax import client, experiment
   one_step = experiment.make_local_update(exp.config, exp.algorithm, exp.model, local_steps=1)
   start = exp.algorithm.client_start(state.server, None)
-  inputs = client.ClientInput(start=start, indices=exp.device_data["rows"][0], count=exp.device_data["counts"][0],
-                              rng=jax.random.PRNGKey(0), step0=jnp.int32(0), total_steps=jnp.int32(10))
-  shared = {"base": state.server.base, "data": exp.device_data["columns"]}
+  batches = jax.tree_util.tree_map(lambda x: x[0, :1], exp.train_batches.for_round(0, np.arange(1)))
+  inputs = client.ClientInput(start=start, rng=jax.random.PRNGKey(0), step0=jnp.int32(0), total_steps=jnp.int32(10),
+                              batches=batches)
+  shared = {"base": state.server.base}
   compiled = jax.jit(one_step).lower(shared, inputs).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis

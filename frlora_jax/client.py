@@ -1,9 +1,9 @@
 """One client's local update as a pure function, and executors that run it for many.
 
 `local_update(shared, client) -> ClientOutput` runs `local_steps` AdamW steps
-on the client's trainable tree {"lora", "head"}. `shared` (frozen base params,
-the training set on device) is the same for every client; `client` holds what
-differs (its example indices, RNG key, starting point, optimizer state).
+on the client's trainable tree {"lora", "head"}. `shared` (the frozen base
+params) is the same for every client; `client` holds what differs (its batches
+for the round, RNG key, starting point, optimizer state).
 Executors map it over a stack of clients without knowing the algorithm;
 the frozen base is broadcast, never copied per client.
 """
@@ -28,13 +28,12 @@ EXECUTORS = ("auto", "vmap", "map", "loop")
 class ClientInput:
   """Per-client inputs; stacked along a leading clients axis for executors."""
   start: Any            # trainable tree {"lora", "head"} the client starts from
-  indices: jax.Array    # [max_examples] int32, this client's rows of the train set
-  count: jax.Array      # () int32, how many of `indices` are real
-  rng: jax.Array        # this client's key for this round
+  rng: jax.Array        # this client's key for this round (dropout; its batches were drawn from it too)
   step0: jax.Array      # () int32, schedule position of the round's first step
   total_steps: jax.Array  # () int32, schedule length
   opt_state: Any = None   # kept optimizer state (of the trained part), or None for a fresh AdamW
   context: Any = None     # what the algorithm's loss / gradient hooks read (Algorithm.client_context)
+  batches: Any = None     # {column: [local_steps, grad_accum * batch_size, ...]} (round_data.RoundBatches)
 
 
 @flax.struct.dataclass
@@ -84,7 +83,7 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """Build `local_update(shared, client)`.
 
-  Each local step draws grad_accum * batch_size rows (as one batch of that size would) and,
+  Each local step takes its grad_accum * batch_size rows (drawn on the host, round_data.py) and,
   with grad_accum > 1, runs them as grad_accum micro-batches of batch_size one after another,
   weighting each micro-batch's loss and gradient by its share of `loss_units` (examples, or
   response tokens for LMs), so the step equals the big batch's up to float rounding and
@@ -139,22 +138,21 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
     return split_trainable(grad_correction(join_trainable(grads, zeros), client), frozen is not None)[0]
 
   def local_update(shared, client: ClientInput) -> ClientOutput:
-    base, data = shared["base"], shared["data"]
+    base = shared["base"]
     trained, frozen = split_trainable(client.start, freeze_a)
     rates = optim.learning_rates(trained, lora_lr, head_lr)
     opt_state = tx.init(trained) if client.opt_state is None else client.opt_state
 
-    def step(carry, i):
+    def step(carry, step_input):
       trained, opt_state = carry
-      k_batch, k_step = jax.random.split(jax.random.fold_in(client.rng, i))
-      rows = client.indices[jax.random.randint(k_batch, (grad_accum * batch_size,), 0, client.count)]
-      batch = jax.tree_util.tree_map(lambda column: column[rows], data)
+      i, batch = step_input
+      _, k_step = jax.random.split(jax.random.fold_in(client.rng, i))  # the first half drew the batch's rows
       loss, grads = grad_fn(trained, frozen, base, batch, k_step, client)
       updates, opt_state = tx.update(corrected(grads, frozen, client), opt_state, trained)
       multiplier = schedule(client.step0 + i, client.step0, client.total_steps)
       return (optim.apply_step(trained, updates, rates, multiplier), opt_state), loss
 
-    (trained, opt_state), losses = jax.lax.scan(step, (trained, opt_state), jnp.arange(local_steps))
+    (trained, opt_state), losses = jax.lax.scan(step, (trained, opt_state), (jnp.arange(local_steps), client.batches))
     trainable = join_trainable(trained, frozen)
     finite = jnp.all(jnp.isfinite(losses)) & all_finite(trainable)
     jax.debug.callback(lambda _: on_client_done(), losses[-1])  # a per-client argument: one call per client under vmap

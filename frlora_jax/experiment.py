@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, models,
-                        optim, remat, run_log, weights, workloads)
+                        optim, remat, rng, round_data, run_log, weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -61,7 +61,7 @@ class Experiment:
   model: models.Model
   algorithm: Algorithm
   initial_server: ServerState     # after LoRA init and algorithm.init
-  device_data: dict               # train columns, the clients' row matrix and counts, on device
+  train_batches: round_data.RoundBatches  # the train set on the host; each round's client batches to the device
   train_clients: Callable         # the executor: (shared, stacked ClientInput) -> stacked ClientOutput
   evaluate_model: Callable        # (base, lora, head) -> metrics of that global model
   predict: Optional[Callable]     # classification: jitted (base, lora, head, batch) -> (predictions, losses)
@@ -84,12 +84,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # ----- building an experiment -----
-
-def random_streams(seed: int) -> tuple[jax.Array, jax.Array]:
-  """(initialisation key, rounds key): separate streams, so no round reuses an init key."""
-  root = jax.random.PRNGKey(seed)
-  return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-
 
 def client_optimizer(config):
   return optim.adamw_direction(config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay)
@@ -126,7 +120,7 @@ def initial_server(config, model: models.Model, algorithm: Algorithm) -> ServerS
   if algorithm.updates_base:  # exact residual accumulation: float32 targets, whatever the storage dtype
     base = lora_lib.with_kernel_dtype(base, targets, jnp.float32)
   init, _ = algorithms.lora_settings(algorithm, config.lora)
-  init_key, _ = random_streams(config.seed)
+  init_key, _ = rng.random_streams(config.seed)
   lora_key, algorithm_key = jax.random.split(init_key)
   if init == "pissa":
     lora0, base = lora_lib.init_pissa(base, targets, config.lora.rank, lora_lib.scale(config.lora))
@@ -154,13 +148,13 @@ def _assemble(config, model, data) -> Experiment:
   client_bar = run_log.ClientBar()
   local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
-  rows, counts = data_lib.partition.pack(data.client_indices)
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
   return Experiment(
       config=config, data=data, model=model, algorithm=algorithm,
       initial_server=initial_server(config, model, algorithm),
-      device_data={"columns": jax.tree_util.tree_map(jnp.asarray, data.train), "rows": jnp.asarray(rows),
-                   "counts": jnp.asarray(counts)},
+      train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
+                                            steps=config.fl.local_steps,
+                                            rows_per_step=config.optim.grad_accum * config.optim.batch_size),
       train_clients=client.make_executor(config.fl.executor, local_update, config.fl.clients_per_chunk, shard=shard),
       evaluate_model=evaluate_model, predict=predict, client_bar=client_bar)
 
@@ -198,9 +192,8 @@ def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("algorithm", "plan"))
-def start_round(state: RunState, ids, round_index, total_rounds, rows, counts, *, algorithm: Algorithm,
-                plan: RoundPlan):
-  """The round's `ClientInput`s (start, rows, key, schedule position) and the clients' states going in."""
+def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algorithm: Algorithm, plan: RoundPlan):
+  """The round's `ClientInput`s (start, key, schedule position) and the clients' states going in."""
   client_states = _take(state.client_states, ids)
   if client_states is None:  # stateless clients all start from the same tree
     start = algorithm.client_start(state.server, None)
@@ -217,11 +210,9 @@ def start_round(state: RunState, ids, round_index, total_rounds, rows, counts, *
     total = (-(-counts[ids] // plan.batch_size)) * total_rounds
   else:
     total = jnp.full(ids.shape, total_rounds * plan.local_steps)
-  round_key = jax.random.fold_in(random_streams(plan.seed)[1], round_index)
   inputs = client.ClientInput(
-      start=starts, indices=rows[ids], count=counts[ids], rng=jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids),
-      step0=step0.astype(jnp.int32), total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids),
-      context=context)
+      start=starts, rng=rng.round_keys(plan.seed, round_index, ids), step0=step0.astype(jnp.int32),
+      total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), context=context)
   return inputs, client_states
 
 
@@ -250,10 +241,12 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
   config = exp.config
   ids = sample_clients(config, exp.num_clients, round_index)
   inputs, client_states = start_round(state, jnp.asarray(ids, jnp.int32), jnp.int32(round_index),
-                                      jnp.int32(config.fl.rounds), exp.device_data["rows"],
-                                      exp.device_data["counts"], algorithm=exp.algorithm,
+                                      jnp.int32(config.fl.rounds), exp.train_batches.counts, algorithm=exp.algorithm,
                                       plan=RoundPlan.from_config(config))
-  out = exp.train_clients({"base": state.server.base, "data": exp.device_data["columns"]}, inputs)
+  upcoming = round_index + 1
+  next_round = (upcoming, sample_clients(config, exp.num_clients, upcoming)) if upcoming < config.fl.rounds else None
+  inputs = inputs.replace(batches=exp.train_batches.for_round(round_index, ids, next_round))
+  out = exp.train_clients({"base": state.server.base}, inputs)
   finite = np.asarray(out.finite)
   if not finite.all():
     raise NonFiniteError(f"Round {round_index + 1}: non-finite loss or update from client(s) "

@@ -127,14 +127,15 @@ def test_a_terminal_does_not_change_the_round(make_config, monkeypatch):
 
 
 def test_init_and_round_streams_are_separate():
-  init_key, rounds_key = experiment.random_streams(0)
+  from frlora_jax import rng
+  init_key, rounds_key = rng.random_streams(0)
   used_at_init = {tuple(np.asarray(k).tolist()) for k in (init_key, *jax.random.split(init_key))}
   round_keys = [jax.random.fold_in(rounds_key, r) for r in range(100)]
   client_keys = [jax.random.fold_in(k, i) for k in round_keys[:10] for i in range(10)]
   assert not used_at_init & {tuple(np.asarray(k).tolist()) for k in round_keys + client_keys}
   # the same seed gives the same streams; another seed other streams
-  assert np.array_equal(experiment.random_streams(0)[1], rounds_key)
-  assert not np.array_equal(experiment.random_streams(1)[1], rounds_key)
+  assert np.array_equal(rng.random_streams(0)[1], rounds_key)
+  assert not np.array_equal(rng.random_streams(1)[1], rounds_key)
 
 
 def test_frozen_a_gets_no_gradient_and_no_optimizer_state(make_config):

@@ -1,0 +1,66 @@
+"""The training set stays on the host; each round moves only its clients' batches to the device.
+
+Client k's batch for local step i is the rows `indices_k[randint(k_batch, (n,), 0, count_k)]`
+with k_batch = split(fold_in(key_k, i))[0] and key_k the client's key for the round: the
+same draw the local update used to make on the device, so results are unchanged. The row ids
+are drawn by one small jitted function, the rows gathered with NumPy, and the round's
+`[clients, steps, rows, ...]` arrays put on the device; the next round's are prepared in a
+background thread while the current one trains. Device memory no longer grows with the
+dataset, only with clients x steps x batch.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from frlora_jax import rng
+from frlora_jax.data import partition
+
+
+@functools.partial(jax.jit, static_argnames=("seed", "steps", "rows_per_step"))
+def draw_rows(round_index, ids, indices, counts, *, seed: int, steps: int, rows_per_step: int):
+  """[clients, steps, rows_per_step] train-set rows of the round's clients `ids`."""
+  def client_rows(key, client_indices, count):
+    def step_rows(i):
+      k_batch, _ = jax.random.split(jax.random.fold_in(key, i))
+      return client_indices[jax.random.randint(k_batch, (rows_per_step,), 0, count)]
+    return jax.vmap(step_rows)(jnp.arange(steps))
+
+  return jax.vmap(client_rows)(rng.round_keys(seed, round_index, ids), indices[ids], counts[ids])
+
+
+class RoundBatches:
+  """Host-side train columns and client partition; `for_round` gives a round's device batches."""
+
+  def __init__(self, columns: dict, client_indices: list, *, seed: int, steps: int, rows_per_step: int):
+    self.columns = {name: np.asarray(column) for name, column in columns.items()}
+    indices, counts = partition.pack(client_indices)
+    self.indices, self.counts = jnp.asarray(indices), jnp.asarray(counts)  # [K, max_n] int32: small
+    self.seed, self.steps, self.rows_per_step = seed, steps, rows_per_step
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._pending: Optional[tuple] = None  # (round_index, ids, future)
+
+  def rows(self, round_index: int, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(draw_rows(jnp.int32(round_index), jnp.asarray(ids, jnp.int32), self.indices, self.counts,
+                                seed=self.seed, steps=self.steps, rows_per_step=self.rows_per_step))
+
+  def _build(self, round_index: int, ids: np.ndarray) -> dict:
+    rows = self.rows(round_index, ids)
+    return {name: jax.device_put(column[rows]) for name, column in self.columns.items()}
+
+  def for_round(self, round_index: int, ids: np.ndarray, next_round: Optional[tuple] = None) -> dict:
+    """The round's batches {column: [clients, steps, rows, ...]} on the device; starts preparing
+    `next_round` = (round_index, ids) in the background."""
+    pending, self._pending = self._pending, None
+    if pending is not None and pending[0] == round_index and np.array_equal(pending[1], ids):
+      batches = pending[2].result()
+    else:
+      batches = self._build(round_index, ids)
+    if next_round is not None:
+      self._pending = (next_round[0], next_round[1], self._pool.submit(self._build, *next_round))
+    return batches
