@@ -58,7 +58,7 @@ class Experiment:
   """What the round loop needs besides its state."""
   config: Any
   data: data_lib.FederatedData    # host-side data: partition, eval batches
-  model: models.Model
+  model: models.Model             # module, config, tokenizer; its params are dropped once the base is built
   algorithm: Algorithm
   initial_server: ServerState     # after LoRA init and algorithm.init
   base_fingerprint: str           # of the pre-trained base, saved with checkpoints (checkpoint.fingerprint)
@@ -150,10 +150,11 @@ def _assemble(config, model, data) -> Experiment:
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
   pretrained, _ = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
+  fingerprint, server = checkpoint.fingerprint(pretrained), initial_server(config, model, algorithm)
+  del pretrained  # from here only the initial server (FRLoRA: residual base) holds the weights
   return Experiment(
-      config=config, data=data, model=model, algorithm=algorithm,
-      initial_server=initial_server(config, model, algorithm),
-      base_fingerprint=checkpoint.fingerprint(pretrained),
+      config=config, data=data, model=dataclasses.replace(model, params=None), algorithm=algorithm,
+      initial_server=server, base_fingerprint=fingerprint,
       train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
                                             steps=config.fl.local_steps,
                                             rows_per_step=config.optim.grad_accum * config.optim.batch_size),
@@ -330,6 +331,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
   exp = _assemble(config, model, None)
   state, history = ckpt.restore_latest(exp.init_state(), exp.base_fingerprint)
+  exp = dataclasses.replace(exp, initial_server=None)  # the run's state owns the base from here on
   start = int(state.round)
   log = run_log.RunLog(workdir, config, history)
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},

@@ -56,7 +56,8 @@ def test_frlora_round_matches_numpy(make_config, aggregation, weighting):
 
 def test_frlora_pissa_factors_come_from_pretrained_weights(make_config):
   exp, state, _, _ = _round(make_config)
-  pretrained = exp.model.params
+  from frlora_jax import models
+  pretrained = models.load_classifier(exp.config.model.name, exp.data.num_labels).params
   for path, init in lora.lora_entries(state.server.lora).items():
     w0 = _np(lora.get_kernel(pretrained, path))
     u, sv, vt = np.linalg.svd(w0, full_matrices=False)

@@ -32,7 +32,7 @@ def test_export_round_trip(make_config, tmp_path, algorithm):
   a_t = adapter["base_model.model.bert.encoder.layer.0.attention.self.value.lora_A.weight"]
   b_t = adapter["base_model.model.bert.encoder.layer.0.attention.self.value.lora_B.weight"]
   assert a_t.shape == (config.lora.rank, 32) and b_t.shape == (32, config.lora.rank)
-  w0 = np.asarray(lora.get_kernel(exp.model.params, path))
+  w0 = np.asarray(lora.get_kernel(models.load_classifier(config.model.name, exp.data.num_labels).params, path))
   rebuilt = w0 + scale * (b_t @ a_t).T  # PEFT: W x + s * B(A x), torch weights are [out, in]
   error = summary["targets"]["/".join(path)]["relative_error"]
   if algorithm == "fedavg":  # a rank-r update: the adapter is exact

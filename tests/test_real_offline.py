@@ -6,7 +6,7 @@ are cached in $FRLORA_CACHE (default ~/.cache/frlora_jax) between runs.
 import numpy as np
 import safetensors.numpy
 
-from frlora_jax import assets, experiment, lora, recipes
+from frlora_jax import assets, experiment, lora, models, recipes
 
 
 def test_minilm_on_rotten_tomatoes_one_round(tmp_path):
@@ -18,14 +18,16 @@ def test_minilm_on_rotten_tomatoes_one_round(tmp_path):
   # the real pretrained weights, not a random init
   weights = safetensors.numpy.load_file(str(assets.resolve(recipes.MINILM) / "model.safetensors"))
   key = next(k for k in weights if k.endswith("layer.0.attention.self.value.weight"))
-  w0 = lora.get_kernel(exp.model.params, ("bert", "encoder", "layer", "0", "attention", "self", "value"))
+  assert exp.model.params is None  # the experiment keeps no copy of the pre-trained weights
+  pretrained = models.load_classifier(config.model.name, 2).params
+  w0 = lora.get_kernel(pretrained, ("bert", "encoder", "layer", "0", "attention", "self", "value"))
   np.testing.assert_allclose(np.asarray(w0), weights[key].T, atol=1e-6)
   assert exp.data.label_names == ("fresh", "rotten") and exp.data.num_labels == 2
   # PiSSA: the residual base plus the principal LoRA branch is still the pre-trained model
   state = exp.init_state()
   batch = {k: v for k, v in exp.data.eval_batches[0].items() if k != "valid"}
   pissa_pred, pissa_loss = exp.predict(state.server.base, state.server.lora, state.server.head, batch)
-  plain_pred, plain_loss = exp.predict(exp.model.params, {}, {}, batch)
+  plain_pred, plain_loss = exp.predict(pretrained, {}, {}, batch)
   np.testing.assert_allclose(np.asarray(pissa_loss), np.asarray(plain_loss), atol=2e-4)
 
   records = experiment.run(config, str(tmp_path))
