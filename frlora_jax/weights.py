@@ -81,16 +81,20 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
       yield name, np.frombuffer(data, SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def stream_safetensors(files: list[str], flax_model, storage_dtype: Callable[[tuple], Any]) -> tuple[dict, set]:
-  """(params, missing keys) of `flax_model`'s architecture from PyTorch safetensors shards.
+def expected_shapes(flax_model) -> dict:
+  """{flat path: ShapeDtypeStruct} of an architecture-only HF Flax model (nothing allocated)."""
+  return traverse_util.flatten_dict(
+      jax.eval_shape(lambda: flax_model.init_weights(jax.random.PRNGKey(0), flax_model.input_shape)))
 
-  flax_model: an HF Flax model built with `_do_init=False` (architecture only); its
-  parameter shapes come from `jax.eval_shape`, so nothing random is allocated.
+
+def stream_safetensors(files: list[str], flax_model, storage_dtype: Callable[[tuple], Any]) -> dict:
+  """`flax_model`'s params (flat, by path) from PyTorch safetensors shards.
+
+  flax_model: an HF Flax model built with `_do_init=False` (architecture only).
   storage_dtype(flax_path) -> dtype each tensor is stored in.
   """
   from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
-  expected = traverse_util.flatten_dict(
-      jax.eval_shape(lambda: flax_model.init_weights(jax.random.PRNGKey(0), flax_model.input_shape)))
+  expected = expected_shapes(flax_model)
   prefix = flax_model.base_model_prefix
   has_prefix = any(key[0] == prefix for key in expected)
   params = {}
@@ -111,7 +115,7 @@ def stream_safetensors(files: list[str], flax_model, storage_dtype: Callable[[tu
       # cast on the host first: the device then receives only the stored bytes
       params[flax_key] = jnp.asarray(np.asarray(tensor, np.dtype(storage_dtype(flax_key))))
       del tensor
-  return traverse_util.unflatten_dict(params), set(expected) - set(params)
+  return params
 
 
 def load_params(source: str, model_class, hf_config, *, compute_dtype, storage_dtype: Callable[[tuple], Any],
@@ -125,14 +129,13 @@ def load_params(source: str, model_class, hf_config, *, compute_dtype, storage_d
   architecture = model_class.from_config(hf_config, _do_init=False, dtype=compute_dtype)
   files = safetensors_files(source)
   if files:
-    params, missing = stream_safetensors(files, architecture, storage_dtype)
+    flat = stream_safetensors(files, architecture, storage_dtype)
   else:
     _, model_params = model_class.from_pretrained(source, config=hf_config, _do_init=False, dtype=compute_dtype)
-    flat = traverse_util.flatten_dict(model_params)
     # through NumPy: HF returns arrays committed to CPU device 0, which would pin them there
-    params = traverse_util.unflatten_dict({k: jnp.asarray(np.asarray(v, np.dtype(storage_dtype(k))))
-                                           for k, v in flat.items()})
-    missing = set()
+    flat = {k: jnp.asarray(np.asarray(v, np.dtype(storage_dtype(k))))
+            for k, v in traverse_util.flatten_dict(model_params).items()}
+  params, missing = traverse_util.unflatten_dict(flat), set(expected_shapes(architecture)) - set(flat)
   if missing and fill_missing is not None:
     params = fill_missing(params, missing)
     missing = missing - set(traverse_util.flatten_dict(params))

@@ -131,3 +131,19 @@ def test_unknown_param_dtype_is_refused(make_config):
   with pytest.raises(ValueError, match=r"config.model.param_dtype='int8' is unknown; use one of float32, bfloat16"):
     experiment.build(make_config(**{"model.param_dtype": "int8"}))
   assert weights.dtype_of("float16") == jnp.float16
+
+
+def test_flax_checkpoint_without_a_head_gets_a_fresh_float32_one(tmp_path, tiny_model_dir):
+  """A Flax msgpack encoder checkpoint (no classifier) loads with a random head, as from_pretrained did."""
+  from transformers import FlaxBertModel
+  model = models.random_classifier("bert", hidden=32, layers=2, heads=2, vocab=40, max_positions=40, intermediate=64)
+  encoder = FlaxBertModel(model.hf_config, _do_init=False)
+  encoder.save_pretrained(tmp_path / "encoder", params=model.params["bert"])
+  model.hf_config.save_pretrained(tmp_path / "encoder")
+  from transformers import AutoTokenizer
+  AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "encoder")
+  loaded = models.load_classifier(str(tmp_path / "encoder"), num_labels=3, param_dtype=jnp.bfloat16)
+  assert loaded.params["classifier"]["kernel"].shape == (32, 3)
+  assert loaded.params["classifier"]["kernel"].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(loaded.params["bert"]["pooler"]["dense"]["kernel"]),
+                                np.asarray(jnp.asarray(model.params["bert"]["pooler"]["dense"]["kernel"], jnp.bfloat16)))
