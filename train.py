@@ -3,6 +3,8 @@
 Override any field with --config.<field>=<value>, e.g. --config.fl.rounds=20.
 Re-running the same command on the same workdir resumes from the last checkpoint.
 """
+import signal
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,6 +16,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  # Ctrl-C (or `kill -INT`) saves a checkpoint and stops. A run started as a background job
+  # inherits SIGINT as ignored, and Python then raises no KeyboardInterrupt: restore it.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress output
   import transformers
   transformers.logging.set_verbosity_error()
