@@ -90,10 +90,15 @@ def lean(state):
   return state.replace(server=state.server.replace(base=kernels))
 
 
+def with_saved_kernels(base, saved_base):
+  """`base` (pre-trained, or the run's initial one) with the kernels of a lean checkpoint's base."""
+  kernels = {key[:-1]: value for key, value in traverse_util.flatten_dict(saved_base).items()}
+  return lora_lib.replace_kernels(base, kernels)
+
+
 def with_base(lean_state, base):
-  """The full state: `base` (pre-trained, or the run's initial one) with the saved targeted kernels."""
-  saved = {key[:-1]: value for key, value in traverse_util.flatten_dict(lean_state.server.base).items()}
-  return lean_state.replace(server=lean_state.server.replace(base=lora_lib.replace_kernels(base, saved)))
+  """The full state: `base` with the saved targeted kernels."""
+  return lean_state.replace(server=lean_state.server.replace(base=with_saved_kernels(base, lean_state.server.base)))
 
 
 def _check_base(saved: dict, base_fingerprint: str, where: str, model_name: str) -> None:
@@ -209,8 +214,7 @@ def restore_parts(workdir: str, step: Optional[int] = None) -> tuple[Any, Any, A
   server = raw["server"]
   base = pretrained_base(config, server["head"])
   _check_base(saved_base, fingerprint(base), os.path.join(workdir, "checkpoints", str(step)), config.model.name)
-  saved = {key[:-1]: value for key, value in traverse_util.flatten_dict(server["base"]).items()}
-  server = algorithms.ServerState(**dict(server, base=lora_lib.replace_kernels(base, saved)))
+  server = algorithms.ServerState(**dict(server, base=with_saved_kernels(base, server["base"])))
   base, lora, head = algorithms.from_config(config).eval_trees(server)
   return base, lora, head, config
 

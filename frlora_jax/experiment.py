@@ -1,6 +1,6 @@
 """The round loop: sample clients -> local updates -> aggregate -> evaluate -> log -> checkpoint.
 
-Randomness comes from two streams of the seed (`random_streams`): one for initialisation
+Randomness comes from two streams of the seed (`rng.random_streams`): one for initialisation
 (LoRA init, algorithms' own keys) and one for rounds (round r's key, folded with each
 client id). The state between rounds is one pytree (`RunState`), so a run resumed from a
 checkpoint continues bit for bit as if it had never stopped.
@@ -108,9 +108,9 @@ def make_local_update(config, algorithm: Algorithm, model: models.Model, local_s
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
 
-def initial_server(config, model: models.Model, algorithm: Algorithm) -> ServerState:
-  """The global model before round 1: LoRA initialised as the algorithm defines, then its server state."""
-  base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
+def initial_server(config, base, head, algorithm: Algorithm) -> ServerState:
+  """The global model before round 1 from the pre-trained (base, head) (`models.base_and_head`): LoRA
+  initialised as the algorithm defines, then its server state."""
   targets = lora_lib.find_targets(base, config.lora.targets)
   if not targets:
     example = lora_lib.path_str(next(iter(lora_lib.find_targets(base, ["."]))))
@@ -149,9 +149,9 @@ def _assemble(config, model, data) -> Experiment:
   local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
-  pretrained, _ = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
-  fingerprint, server = checkpoint.fingerprint(pretrained), initial_server(config, model, algorithm)
-  del pretrained  # from here only the initial server (FRLoRA: residual base) holds the weights
+  base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
+  fingerprint, server = checkpoint.fingerprint(base), initial_server(config, base, head, algorithm)
+  del base, head  # from here only the initial server (FRLoRA: residual base) holds the weights
   return Experiment(
       config=config, data=data, model=dataclasses.replace(model, params=None), algorithm=algorithm,
       initial_server=server, base_fingerprint=fingerprint,

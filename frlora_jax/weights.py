@@ -63,6 +63,12 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
                       "BOOL": np.bool_}
 
 
+def _stored(value, dtype):
+  """`value` in the storage dtype on the default device: cast on the host, so the device receives only
+  the stored bytes, and through NumPy, so nothing stays committed to the device HF put it on."""
+  return jnp.asarray(np.asarray(value, np.dtype(dtype)))
+
+
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
   """(name, array) for each tensor of a safetensors file, read one at a time with plain reads.
 
@@ -112,8 +118,7 @@ def stream_safetensors(files: list[str], flax_model, storage_dtype: Callable[[tu
       if tensor.shape != expected[flax_key].shape:
         raise ValueError(f"{file}: weight {name} has shape {tensor.shape}, but the model's config needs "
                          f"{expected[flax_key].shape}; the checkpoint and config.json disagree.")
-      # cast on the host first: the device then receives only the stored bytes
-      params[flax_key] = jnp.asarray(np.asarray(tensor, np.dtype(storage_dtype(flax_key))))
+      params[flax_key] = _stored(tensor, storage_dtype(flax_key))
       del tensor
   return params
 
@@ -132,9 +137,7 @@ def load_params(source: str, model_class, hf_config, *, compute_dtype, storage_d
     flat = stream_safetensors(files, architecture, storage_dtype)
   else:
     _, model_params = model_class.from_pretrained(source, config=hf_config, _do_init=False, dtype=compute_dtype)
-    # through NumPy: HF returns arrays committed to CPU device 0, which would pin them there
-    flat = {k: jnp.asarray(np.asarray(v, np.dtype(storage_dtype(k))))
-            for k, v in traverse_util.flatten_dict(model_params).items()}
+    flat = {k: _stored(v, storage_dtype(k)) for k, v in traverse_util.flatten_dict(model_params).items()}
   params, missing = traverse_util.unflatten_dict(flat), set(expected_shapes(architecture)) - set(flat)
   if missing and fill_missing is not None:
     params = fill_missing(params, missing)
@@ -143,7 +146,7 @@ def load_params(source: str, model_class, hf_config, *, compute_dtype, storage_d
     logging.warning("Not in the checkpoint, initialised at random: %s", sorted("/".join(k) for k in missing)[:8])
     fresh = traverse_util.flatten_dict(architecture.init_weights(jax.random.PRNGKey(0), architecture.input_shape))
     flat = traverse_util.flatten_dict(params)
-    flat.update({k: jnp.asarray(np.asarray(fresh[k], np.dtype(storage_dtype(k)))) for k in missing})
+    flat.update({k: _stored(fresh[k], storage_dtype(k)) for k in missing})
     params = traverse_util.unflatten_dict(flat)
   return architecture.module, params
 
