@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, lora as lora_lib, models,
-                        optim, remat, rng, round_data, run_log, weights, workloads)
+from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, interrupts,
+                        lora as lora_lib, models, optim, remat, rng, round_data, run_log, weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -164,14 +164,19 @@ def _assemble(config, model, data) -> Experiment:
 
 def initial_state(exp: Experiment) -> RunState:
   """Round 0: the initial server, every client's fresh state, no steps taken."""
-  k, server = exp.num_clients, exp.initial_server
+  return fresh_state(exp.config, exp.algorithm, exp.initial_server, exp.num_clients)
+
+
+def fresh_state(config, algorithm: Algorithm, server: ServerState, num_clients: int) -> RunState:
+  """Round 0 of `num_clients` clients around `server` (pure: the memory planner traces it abstractly)."""
+  k = num_clients
   stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
-  client_state = exp.algorithm.init_client_state(server)
+  client_state = algorithm.init_client_state(server)
   client_opt = None
-  if exp.config.fl.keep_optimizer_state:  # the published code's AdamW, kept per client across rounds
-    _, freeze_a = algorithms.lora_settings(exp.algorithm, exp.config.lora)
-    start = exp.algorithm.client_start(server, client_state)
-    client_opt = stacked(client.trained_optimizer_state(client_optimizer(exp.config), start, freeze_a))
+  if config.fl.keep_optimizer_state:  # the published code's AdamW, kept per client across rounds
+    _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
+    start = algorithm.client_start(server, client_state)
+    client_opt = stacked(client.trained_optimizer_state(client_optimizer(config), start, freeze_a))
   return RunState(round=jnp.zeros((), jnp.int32), server=server, client_steps=jnp.zeros((k,), jnp.int32),
                   client_opt=client_opt, client_states=None if client_state is None else stacked(client_state))
 
@@ -230,6 +235,12 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
   return new_state, client.all_finite(server)
 
 
+# The same step writing the new state into the old one's buffers: FRLoRA's base += s B A then
+# needs no second copy of the base. The old state is gone afterwards, so only `run` uses it.
+finish_round_in_place = jax.jit(finish_round.__wrapped__, static_argnames=("algorithm", "local_steps"),
+                                donate_argnames=("state",))
+
+
 @dataclasses.dataclass
 class LocalUpdates:
   """What the round's clients sent back, before aggregation."""
@@ -259,11 +270,14 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
   return LocalUpdates(ids, out, weights, client_states)
 
 
-def server_update(exp: Experiment, state: RunState, updates: LocalUpdates) -> RunState:
-  """Server phase of a round: the algorithm's aggregate, committed only if finite."""
-  new_state, finite = finish_round(state, updates.output, jnp.asarray(updates.ids, jnp.int32), updates.weights,
-                                   updates.client_states, algorithm=exp.algorithm,
-                                   local_steps=exp.config.fl.local_steps)
+def server_update(exp: Experiment, state: RunState, updates: LocalUpdates, in_place: bool = False) -> RunState:
+  """Server phase of a round: the algorithm's aggregate, committed only if finite.
+
+  in_place: donate `state` (its arrays are deleted; the new state reuses their memory).
+  """
+  step = finish_round_in_place if in_place else finish_round
+  new_state, finite = step(state, updates.output, jnp.asarray(updates.ids, jnp.int32), updates.weights,
+                           updates.client_states, algorithm=exp.algorithm, local_steps=exp.config.fl.local_steps)
   if not bool(finite):
     raise NonFiniteError(f"Round {int(state.round) + 1}: the aggregated global model is non-finite; "
                          f"the run stopped and the last good checkpoint is kept.")
@@ -272,8 +286,13 @@ def server_update(exp: Experiment, state: RunState, updates: LocalUpdates) -> Ru
 
 def run_round(exp: Experiment, state: RunState, round_index: int) -> tuple[RunState, dict]:
   """One federated round; returns the new state and its training record."""
-  updates = local_updates(exp, state, round_index)
-  new_state = server_update(exp, state, updates)
+  return commit_round(exp, state, local_updates(exp, state, round_index), round_index)
+
+
+def commit_round(exp: Experiment, state: RunState, updates: LocalUpdates, round_index: int,
+                 in_place: bool = False) -> tuple[RunState, dict]:
+  """The server phase of a round and its training record."""
+  new_state = server_update(exp, state, updates, in_place)
   losses = np.asarray(updates.output.loss, np.float64)
   return new_state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
                      "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
@@ -348,21 +367,24 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
       for r in range(start, config.fl.rounds):
         t0 = time.time()
         exp.client_bar.start(config.fl.clients_per_round or exp.num_clients, last_round_s)
-        state, record = run_round(exp, state, r)
-        exp.client_bar.stop()
-        if is_eval_round(config, r + 1):
-          record["eval"] = evaluate(exp, state.server)
-          if exp.algorithm.personal_trees is not None:
-            record["eval_personal"] = evaluate_personal(exp, state)
-        record["seconds"] = last_round_s = round(time.time() - t0, 4)
-        record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
-                                       * len(record["clients"]))
-        history.append(record)
-        logged = state
-        log.write(record)
-        progress.update(record, exp.data.metric)
-        records.append(record)
-        ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
+        updates = local_updates(exp, state, r)  # an interrupt here saves `logged`, untouched so far
+        with interrupts.deferred(f"Interrupt received: finishing round {r + 1}'s server step, eval and log, "
+                                 f"then saving."):
+          state, record = commit_round(exp, state, updates, r, in_place=True)  # `logged`'s buffers now `state`'s
+          exp.client_bar.stop()
+          if is_eval_round(config, r + 1):
+            record["eval"] = evaluate(exp, state.server)
+            if exp.algorithm.personal_trees is not None:
+              record["eval_personal"] = evaluate_personal(exp, state)
+          record["seconds"] = last_round_s = round(time.time() - t0, 4)
+          record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
+                                         * len(record["clients"]))
+          history.append(record)
+          logged = state
+          log.write(record)
+          progress.update(record, exp.data.metric)
+          records.append(record)
+          ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
   except KeyboardInterrupt:
     # Save the last complete round, and make metrics.jsonl say exactly what it holds
     # (the interrupt may have landed between the two writes, or inside one).
