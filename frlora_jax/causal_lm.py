@@ -149,18 +149,19 @@ def load_causal_lm(name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Mod
 
 
 def random_causal_lm(arch: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
-                     vocab: int = 128, max_positions: int = 128, rope_theta: float = 10000.0, seed: int = 0,
+                     intermediate: int | None = None, vocab: int = 128, max_positions: int = 128, rope_theta: float = 10000.0, seed: int = 0,
                      tie: bool = False, initializer_range: float = 0.02, dtype=jnp.float32) -> Model:
   """A randomly initialised Llama or GPT-2 of a given shape (tests, benchmarks)."""
   from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig
   if arch == "llama":
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=max_positions, rope_theta=rope_theta, tie_word_embeddings=tie,
                       initializer_range=initializer_range, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = FlaxLlamaForCausalLM(cfg, seed=seed, dtype=dtype)
   elif arch == "gpt2":
     cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                     n_inner=intermediate,
                      initializer_range=initializer_range, bos_token_id=1, eos_token_id=2)
     model = FlaxGPT2LMHeadModel(cfg, seed=seed, dtype=dtype)
   else:

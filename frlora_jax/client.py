@@ -75,6 +75,21 @@ def examples_in(batch):
   return jnp.asarray(jax.tree_util.tree_leaves(batch)[0].shape[0], jnp.float32)
 
 
+def make_model_loss(apply_fn: Callable, *, task_loss: Callable, lora_scale: float, lora_dropout: float,
+                    dropout_bits: int) -> Callable:
+  """`model_loss(trainable, base, batch, rng)`: one batch's training loss (dropout on) of base + LoRA + head."""
+
+  def model_loss(trainable, base, batch, rng):
+    k_model, k_lora = jax.random.split(rng)
+    params = lora_lib.join_trees(base, trainable["head"])
+    with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora, dropout_bits), \
+        dropout_lib.interceptor(dropout_bits):
+      outputs = apply_fn(params, batch, k_model, deterministic=False)
+    return task_loss(outputs, batch)
+
+  return model_loss
+
+
 def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
                       freeze_a: bool, local_steps: int, batch_size: int, lora_scale: float, lora_dropout: float,
                       schedule: Callable, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
@@ -97,14 +112,11 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
   dropout_bits picks the dropout masks' random bits per element (see dropout.py).
   """
 
+  model_loss = make_model_loss(apply_fn, task_loss=task_loss, lora_scale=lora_scale, lora_dropout=lora_dropout,
+                               dropout_bits=dropout_bits)
+
   def batch_loss(trained, frozen, base, batch, rng):
-    trainable = join_trainable(trained, frozen)
-    k_model, k_lora = jax.random.split(rng)
-    params = lora_lib.join_trees(base, trainable["head"])
-    with lora_lib.interceptor(trainable["lora"], lora_scale, lora_dropout, k_lora, dropout_bits), \
-        dropout_lib.interceptor(dropout_bits):
-      logits = apply_fn(params, batch, k_model, deterministic=False)
-    return task_loss(logits, batch)
+    return model_loss(join_trainable(trained, frozen), base, batch, rng)
 
   def loss_fn(trained, frozen, base, batch, rng, client):
     loss = batch_loss(trained, frozen, base, batch, rng)

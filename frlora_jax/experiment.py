@@ -108,6 +108,15 @@ def make_local_update(config, algorithm: Algorithm, model: models.Model, local_s
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
 
+def model_loss(config, model: models.Model) -> Callable:
+  """`loss(trainable, base, batch, rng)` of one micro-batch as a local step differentiates it (remat, lean LM
+  loss, dropout on): what the memory planner traces for activations."""
+  train_apply, task_loss = workloads.for_config(config).make_training(model, config)
+  return client.make_model_loss(remat.with_remat(train_apply, model.family, config.model.remat), task_loss=task_loss,
+                                lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
+                                dropout_bits=config.model.dropout_bits)
+
+
 def initial_server(config, base, head, algorithm: Algorithm) -> ServerState:
   """The global model before round 1 from the pre-trained (base, head) (`models.base_and_head`): LoRA
   initialised as the algorithm defines, then its server state."""

@@ -41,6 +41,7 @@ def paper_nlu(task: str, local_steps: int):
   c.fl.rounds, c.fl.local_steps = 200, local_steps
   c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, ("query", "value")
   c.optim.lr, c.optim.batch_size, c.optim.weight_decay = 2e-4, 64, 0.0
+  c.model.remat = "block"  # 5 clients vmapped at batch 64 fit a 40 GB GPU (benchmarks/README.md: ~100 GB without)
   return c
 
 
@@ -93,6 +94,9 @@ def paper_nlg(*, source: str, path: str, clients: int, per_round: int, rank: int
   c.lora.rank, c.lora.alpha = rank, 2.0 * rank
   c.optim.lr = lr
   c.eval_every, c.eval_batch_size, c.checkpoint_every = 10, 8, 10
+  # One client fits the paper's A100 40 GB (benchmarks/README.md: ~21 GB at batch 16 x 512, ~111 GB without
+  # remat): a bf16 base (targeted kernels kept float32 by FRLoRA's exact accumulation) and block remat.
+  c.model.param_dtype, c.model.remat = "bfloat16", "block"
   return c
 
 
@@ -123,4 +127,9 @@ def fedllm_bench(c, *, local_steps: int):
   c.optim.batch_size = 4                       # *all.sh: batch_size=4
   c.optim.grad_accum = 4                       # *all.sh: gradient_accumulation_steps=4
   c.fl.local_steps = local_steps               # *all.sh: max_steps (the rounds, num_rounds, are set by paper_nlg)
+  # Not from FedLLM-Bench: at 1024 tokens a Llama-2-7B client needs ~3.3 GB besides the 15.7 GB base
+  # (benchmarks/README.md), so at most 4 clients are vmapped at once to fit 75% of a 40 GB GPU (JAX's default
+  # preallocation): the largest divisor of clients_per_round up to 4 (results do not depend on it).
+  per_round = c.fl.clients_per_round or c.fl.num_clients
+  c.fl.clients_per_chunk = max(d for d in range(1, 5) if per_round % d == 0)
   return c
