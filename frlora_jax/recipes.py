@@ -41,7 +41,7 @@ def paper_nlu(task: str, local_steps: int):
   c.fl.rounds, c.fl.local_steps = 200, local_steps
   c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, ("query", "value")
   c.optim.lr, c.optim.batch_size, c.optim.weight_decay = 2e-4, 64, 0.0
-  c.model.remat = "block"  # 5 clients vmapped at batch 64 fit a 40 GB GPU (benchmarks/README.md: ~100 GB without)
+  c.model.remat = "block"  # 5 clients vmapped at batch 64: 12.7 GB estimated, 109 GB without (benchmarks/README.md)
   return c
 
 
