@@ -56,3 +56,36 @@ def test_lm_memory_benchmark_runs_at_a_tiny_shape():
   assert out["estimate"]["saved_activation_bytes"] < out["estimate"]["saved_without_remat_bytes"]
   assert out["xla_plan"]["client_update"]["peak"] > out["estimate"]["base_bytes"]
   assert out["measured"]["peak_rss_bytes"] > 0
+
+
+def _plan_cli(tmp_path, *extra):
+  SHAPE.save_pretrained(tmp_path / "shape")
+  cmd = [sys.executable, "-m", "frlora_jax.plan", f"--config={ROOT}/configs/metamathqa.py",
+         f"--model_config={tmp_path / 'shape'}", "--config.data.max_length=64", "--config.optim.batch_size=4",
+         "--config.model.param_dtype=float32", "--config.model.dtype=float32", *extra]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_plan_cli_picks_the_largest_chunk_that_fits(tmp_path):
+  result = _plan_cli(tmp_path, "--device_memory=40GB")
+  assert result.returncode == 0, result.stderr[-2000:]
+  plan = json.loads(result.stdout.strip().splitlines()[-1])
+  assert plan["clients_per_chunk"] == plan["config_clients_per_round"] == 2  # a tiny model: every client fits
+  assert plan["device_memory_bytes"] == 40 * 10 ** 9 and plan["margin_bytes"] > 0
+  # Memory for the state and exactly one client, plus half of another: one client per chunk.
+  one = plan["fixed_bytes"] + plan["per_client_bytes"] * 1.5
+  result = _plan_cli(tmp_path, f"--device_memory={int(one)}", "--memory_fraction=1.0")
+  assert json.loads(result.stdout.strip().splitlines()[-1])["clients_per_chunk"] == 1
+
+
+def test_plan_cli_says_by_how_much_a_config_does_not_fit(tmp_path):
+  result = _plan_cli(tmp_path, "--device_memory=1MB")
+  assert result.returncode == 0, result.stderr[-2000:]
+  plan = json.loads(result.stdout.strip().splitlines()[-1])
+  assert plan["clients_per_chunk"] == 0 and plan["shortfall_bytes"] > 0
+  assert "does not fit" in result.stdout and "remat" in result.stdout
+
+
+def test_plan_cli_refuses_a_bad_size(tmp_path):
+  result = _plan_cli(tmp_path, "--device_memory=forty")
+  assert result.returncode != 0 and "--device_memory='forty'" in result.stderr
