@@ -57,7 +57,11 @@ def check(config) -> None:
   if fl.partition != "natural" and fl.clients_per_round > fl.num_clients:
     raise ValueError(f"config.fl.clients_per_round={fl.clients_per_round} exceeds config.fl.num_clients="
                      f"{fl.num_clients}; lower it (0 means all clients).")
-  _positive(fl.clients_per_chunk, "config.fl.clients_per_chunk", allow_zero=True)
+  if fl.clients_per_chunk != "auto":
+    if isinstance(fl.clients_per_chunk, bool) or not isinstance(fl.clients_per_chunk, int):
+      raise ValueError(f"config.fl.clients_per_chunk={fl.clients_per_chunk!r} must be 'auto' or a whole number "
+                       f"(0: all clients at once).")
+    _positive(fl.clients_per_chunk, "config.fl.clients_per_chunk", allow_zero=True)
   _positive(lora.rank, "config.lora.rank")
   _positive(lora.alpha, "config.lora.alpha")
   if not 0.0 <= lora.dropout < 1.0:

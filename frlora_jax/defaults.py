@@ -66,7 +66,8 @@ def get_config():
   c.fl.natural_field = ""
   c.fl.natural_largest = 0        # natural partition: keep only the N groups with most examples (0: all)
   c.fl.executor = "auto"          # auto | vmap | map | loop
-  c.fl.clients_per_chunk = 0      # vmap at most this many clients at once (0: all)
+  # vmap at most this many clients at once: auto (the most that fit the device, frlora_jax.plan) | N | 0 (all)
+  c.fl.clients_per_chunk = ml_collections.FieldReference("auto", field_type=object)
   c.fl.shard_clients = "auto"     # auto (when >1 device) | on | off: split clients over local devices
   c.fl.aggregation = "factors"    # FRLoRA: factors | product
   c.fl.weighting = "data_size"    # data_size | uniform

@@ -144,8 +144,19 @@ def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.
   return _assemble(config, model, data)
 
 
+def clients_per_chunk(config, model: Optional[models.Model]) -> int:
+  """config.fl.clients_per_chunk, with `auto` resolved from the model's shapes (frlora_jax.plan) before any
+  data or weights are loaded; a config whose one client does not fit stops here."""
+  if config.fl.clients_per_chunk != "auto":
+    return config.fl.clients_per_chunk
+  from frlora_jax import plan
+  hf_config = model.hf_config if model is not None else plan.model_config(config, None)
+  return plan.auto_clients_per_chunk(config, hf_config)
+
+
 def _assemble(config, model, data) -> Experiment:
   workload = workloads.for_config(config)
+  chunk = clients_per_chunk(config, model)
   if data is None:
     tokenizer = model.tokenizer if model is not None and model.tokenizer is not None else models.load_tokenizer(
         config.model.name)
@@ -167,7 +178,7 @@ def _assemble(config, model, data) -> Experiment:
       train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
                                             steps=config.fl.local_steps,
                                             rows_per_step=config.optim.grad_accum * config.optim.batch_size),
-      train_clients=client.make_executor(config.fl.executor, local_update, config.fl.clients_per_chunk, shard=shard),
+      train_clients=client.make_executor(config.fl.executor, local_update, chunk, shard=shard),
       evaluate_model=evaluate_model, predict=predict, client_bar=client_bar)
 
 

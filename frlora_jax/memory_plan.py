@@ -98,7 +98,8 @@ def abstract_batches(config, clients: int) -> dict:
 def _executor_body(config, local_update, clients: int):
   name = client.resolve_executor(config.fl.executor)
   if name == "vmap":
-    return client.vmap_body(local_update, config.fl.clients_per_chunk if clients > 1 else 0)
+    chunk = config.fl.clients_per_chunk
+    return client.vmap_body(local_update, chunk if isinstance(chunk, int) and clients > 1 else 0)
   return client.map_body(local_update)  # map and loop: one client at a time
 
 
@@ -154,7 +155,8 @@ def saved_activations(config, hf_config, remat_mode: str | None = None) -> int:
   if remat_mode is not None:
     config.model.remat = remat_mode
   algorithm, model, state = _pieces(config, hf_config, 1)
-  start = jax.eval_shape(lambda server: algorithm.client_start(server, None), state.server)
+  start = jax.eval_shape(lambda server: algorithm.client_start(server, algorithm.init_client_state(server)),
+                         state.server)
   batch = {name: jax.ShapeDtypeStruct((config.optim.batch_size,) + x.shape[3:], x.dtype)
            for name, x in abstract_batches(config, 1).items()}  # one micro-batch of one client
   loss = experiment.model_loss(config, model)
@@ -181,7 +183,8 @@ def estimate(config, hf_config) -> dict[str, int]:
   the CPU plan holds no upcast copies), reported beside.
   """
   algorithm, _, state = _pieces(config, hf_config, config.fl.num_clients)
-  start = jax.eval_shape(lambda server: algorithm.client_start(server, None), state.server)
+  start = jax.eval_shape(lambda server: algorithm.client_start(server, algorithm.init_client_state(server)),
+                         state.server)
   saved = saved_activations(config, hf_config)
   mode = config.model.remat
   without = saved if mode == "none" else saved_activations(config, hf_config, "none")

@@ -64,6 +64,44 @@ def fit(estimate: dict, clients: int, memory: int, fraction: float) -> dict:
           "margin_bytes": int(usable - peak), "shortfall_bytes": int(max(0, peak - usable)) if chunk == 0 else 0}
 
 
+def device_limit() -> tuple[int, float, str]:
+  """(bytes a run may hold, share of it to fill, what it is) for the default device: XLA's own limit on a
+  GPU/TPU (already JAX's preallocated share), physical RAM on CPU."""
+  import os
+  import jax
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), 0.9, f"{device.device_kind} bytes_limit"
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 0.75, "host RAM"
+
+
+def auto_clients_per_chunk(config, hf_config) -> int:
+  """fl.clients_per_chunk=auto: the most clients the device holds at once (0 = all of them, no chunking).
+
+  Raises before any data or weights are loaded if not even one client fits, saying by how much.
+  Chunking never changes results (client.vmap_body), only how many clients share a compiled batch.
+  """
+  import sys
+  from frlora_jax import client
+  limit, fraction, what = device_limit()
+  result = plan(config, hf_config, limit, fraction)
+  clients = result["config_clients_per_round"]
+  if result["clients_per_chunk"] == 0:
+    raise ValueError(
+        f"config.fl.clients_per_chunk=auto: not even one client fits: a round needs "
+        f"{result['round_peak_bytes'] / 1e9:.2f} GB, {result['shortfall_bytes'] / 1e9:.2f} GB more than the "
+        f"{result['usable_bytes'] / 1e9:.2f} GB usable ({fraction:.0%} of {what}). Set config.model.remat=block, "
+        f"config.model.param_dtype=bfloat16, a smaller config.optim.batch_size with config.optim.grad_accum, or a "
+        f"shorter config.data.max_length (python -m frlora_jax.plan shows the effect of each).")
+  chunk = result["clients_per_chunk"]
+  if client.resolve_executor(config.fl.executor) == "vmap":
+    print(f"fl.clients_per_chunk=auto: {chunk} of {clients} clients at once ({result['fixed_bytes'] / 1e9:.2f} GB "
+          f"fixed + {result['per_client_bytes'] / 1e9:.2f} GB per client within {result['usable_bytes'] / 1e9:.2f} GB, "
+          f"{fraction:.0%} of {what})", file=sys.stderr)
+  return 0 if chunk >= clients else chunk
+
+
 def plan(config, hf_config, memory: int, fraction: float = 0.75) -> dict:
   from frlora_jax import config_checks, memory_plan
   config_checks.check(config)

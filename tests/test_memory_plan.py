@@ -89,3 +89,32 @@ def test_plan_cli_says_by_how_much_a_config_does_not_fit(tmp_path):
 def test_plan_cli_refuses_a_bad_size(tmp_path):
   result = _plan_cli(tmp_path, "--device_memory=forty")
   assert result.returncode != 0 and "--device_memory='forty'" in result.stderr
+
+
+def _limit(monkeypatch, make_config, clients_fitting: float):
+  """Pretend the device holds the run state and `clients_fitting` clients."""
+  from frlora_jax import plan
+  config = make_config()
+  estimate = memory_plan.estimate(config, plan.model_config(config, None))
+  limit = estimate["fixed_bytes"] + clients_fitting * estimate["per_client_bytes"]
+  monkeypatch.setattr(plan, "device_limit", lambda: (int(limit), 1.0, "a test device"))
+
+
+def test_auto_chunking_equals_all_clients_at_once(make_config, monkeypatch):
+  from frlora_jax import experiment
+  overrides = {"fl.executor": "vmap", "fl.num_clients": 3}
+  whole = experiment.build(make_config(**overrides, **{"fl.clients_per_chunk": 0}))
+  _limit(monkeypatch, make_config, 1.5)
+  assert experiment.clients_per_chunk(make_config(**overrides), None) == 1
+  chunked = experiment.build(make_config(**overrides))
+  _, expected = experiment.run_round(whole, whole.init_state(), 0)
+  _, got = experiment.run_round(chunked, chunked.init_state(), 0)
+  assert got["client_losses"] == expected["client_losses"]
+
+
+def test_a_config_too_big_for_the_device_stops_before_loading_data(make_config, monkeypatch):
+  import pytest
+  from frlora_jax import experiment
+  _limit(monkeypatch, make_config, 0.5)
+  with pytest.raises(ValueError, match=r"not even one client fits: .* GB more .* config.model.remat=block"):
+    experiment.build(make_config(**{"data.path": "/nonexistent/data.csv"}))
