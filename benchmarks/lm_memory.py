@@ -19,7 +19,7 @@ import json
 import resource
 import time
 
-import numpy as np
+import round_time  # benchmarks/ (this script's folder): the synthetic LM data
 
 
 def parse_args(argv=None):
@@ -70,18 +70,6 @@ def benchmark_config(args):
   return c
 
 
-def synthetic_lm_data(args, seed=0):
-  from frlora_jax.data import FederatedData, partition
-  rng = np.random.default_rng(seed)
-  n = args.clients * args.bs * args.grad_accum * 4
-  ids = rng.integers(3, args.vocab, size=(n, args.seq), dtype=np.int32)
-  loss_mask = np.zeros_like(ids)
-  loss_mask[:, args.seq // 2:] = 1  # the second half is the "response"
-  train = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
-  return FederatedData(train=train, client_indices=partition.iid(n, args.clients, seed), client_names=[],
-                       eval_batches=[], num_labels=0, label_names=(), metric="perplexity")
-
-
 def measure(args, config) -> dict:
   """Peak RSS of building the experiment and running one round (compile included) on random weights."""
   import jax
@@ -91,7 +79,7 @@ def measure(args, config) -> dict:
                                      max_positions=max(args.seq, 128), tie=args.tie,
                                      dtype=workloads.dtype_of(config.model.dtype))
   rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  exp = experiment.build(config, model=model, data=synthetic_lm_data(args))
+  exp = experiment.build(config, model=model, data=round_time.synthetic_lm_data(args))
   del model
   state = exp.init_state()
   t0 = time.perf_counter()

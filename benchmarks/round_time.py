@@ -23,7 +23,8 @@ import numpy as np
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", choices=["bert", "roberta"], default="bert")
+  p.add_argument("--arch", choices=["bert", "roberta", "llama"], default="bert",
+                 help="llama: the causal-LM path (response-masked chunked loss; second half of each row is the response)")
   p.add_argument("--hidden", type=int, default=384)
   p.add_argument("--layers", type=int, default=6)
   p.add_argument("--heads", type=int, default=12)
@@ -39,10 +40,33 @@ def parse_args(argv=None):
   p.add_argument("--algorithm", default="frlora")
   p.add_argument("--dropout_bits", type=int, choices=[8, 16, 32], default=32,
                  help="random bits per dropout draw (config.model.dropout_bits)")
+  p.add_argument("--kv_heads", type=int, default=None, help="llama: key/value heads (default: --heads)")
+  p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4x hidden; llama 3x)")
+  p.add_argument("--tie", action="store_true", help="llama: tied input/output embeddings")
+  p.add_argument("--targets", default=None, help="comma-separated LoRA target regexes (default: the config's)")
+  p.add_argument("--remat", default="none", help="config.model.remat")
+  p.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="storage dtype of the base (default: --dtype)")
+  p.add_argument("--grad_accum", type=int, default=1)
   return p.parse_args(argv)
 
 
+def synthetic_lm_data(args, seed=0):
+  """Full-length random token rows; the second half of each is the response (the loss's positions)."""
+  from frlora_jax.data import FederatedData, partition
+  rng = np.random.default_rng(seed)
+  n = args.clients * args.bs * args.grad_accum * 4
+  ids = rng.integers(3, args.vocab, size=(n, args.seq), dtype=np.int32)
+  loss_mask = np.zeros_like(ids)
+  loss_mask[:, args.seq // 2:] = 1
+  train = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
+  return FederatedData(train=train, client_indices=partition.iid(n, args.clients, seed), client_names=[],
+                       eval_batches=[], num_labels=0, label_names=(), metric="perplexity")
+
+
 def synthetic_data(args, seed=0):
+  if args.arch == "llama":
+    return synthetic_lm_data(args, seed)
   from frlora_jax.data import FederatedData, partition
   rng = np.random.default_rng(seed)
   n = args.clients * args.bs * 8
@@ -58,7 +82,16 @@ def benchmark_config(args):
   c = defaults.get_config()
   c.model.name, c.model.dtype = f"random:{args.arch}", args.dtype
   c.model.dropout_bits = args.dropout_bits
+  c.model.remat, c.model.param_dtype = args.remat, args.param_dtype or args.dtype
   c.data.path, c.data.max_length = "synthetic", args.seq
+  if args.arch == "llama":
+    c.data.kind, c.data.metric = "instruction", "perplexity"
+    c.data.instruction_field, c.data.response_field = "instruction", "response"  # (synthetic tokens: unused)
+  if args.targets:
+    c.lora.targets = tuple(args.targets.split(","))
+  elif args.arch == "llama":
+    c.lora.targets = (r"(q|v)_proj$",)
+  c.optim.grad_accum = args.grad_accum
   c.fl.algorithm, c.fl.num_clients, c.fl.local_steps = args.algorithm, args.clients, args.steps
   c.fl.rounds, c.fl.executor, c.fl.partition = args.rounds + 1, args.executor, "iid"
   c.lora.rank, c.lora.alpha = args.rank, 2.0 * args.rank
@@ -100,8 +133,15 @@ def step_flops(exp, state) -> float:
 def run(args) -> dict:
   from frlora_jax import client, compile_count, experiment, models, workloads
   dtype = workloads.dtype_of(args.dtype)
-  model = models.random_classifier(args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                   vocab=args.vocab, num_labels=2, max_positions=args.seq + 2, dtype=dtype)
+  if args.arch == "llama":
+    from frlora_jax import causal_lm
+    model = causal_lm.random_causal_lm("llama", hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                       kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                                       max_positions=max(args.seq, 128), tie=args.tie, dtype=dtype)
+  else:
+    model = models.random_classifier(args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                     vocab=args.vocab, num_labels=2, max_positions=args.seq + 2,
+                                     intermediate=args.intermediate, dtype=dtype)
   exp = experiment.build(benchmark_config(args), model=model, data=synthetic_data(args))
   state = exp.init_state()
   t0 = time.perf_counter()
@@ -123,13 +163,14 @@ def run(args) -> dict:
   return {
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
+      "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "grad_accum": args.grad_accum,
       "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,
       "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
       "round_s_median": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
       "compile_s": round(first - round_s, 3), "compiles_after_first_round": compiles(),
       "client_steps_per_s": round(args.clients * args.steps / round_s, 3),
-      "tokens_per_s": round(args.clients * args.steps * args.bs * args.seq / round_s, 1),
+      "tokens_per_s": round(args.clients * args.steps * args.grad_accum * args.bs * args.seq / round_s, 1),
       "round_gflop": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / round_s / 1e9, 2),
       "matmul_gflop_per_s": round(peak / 1e9, 2), "mfu": round(flops / round_s / peak, 3),
       "peak_rss_mb": round(peak_rss_mb, 1),

@@ -118,3 +118,14 @@ def test_a_config_too_big_for_the_device_stops_before_loading_data(make_config, 
   _limit(monkeypatch, make_config, 0.5)
   with pytest.raises(ValueError, match=r"not even one client fits: .* GB more .* config.model.remat=block"):
     experiment.build(make_config(**{"data.path": "/nonexistent/data.csv"}))
+
+
+def test_round_time_benchmark_runs_the_causal_lm_path_at_a_tiny_shape():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "round_time.py"), "--arch", "llama", "--hidden", "64",
+         "--layers", "2", "--heads", "4", "--kv_heads", "2", "--intermediate", "128", "--vocab", "512", "--seq", "32",
+         "--bs", "2", "--clients", "2", "--steps", "2", "--rounds", "2", "--rank", "4", "--grad_accum", "2"]
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["arch"] == "llama" and out["compiles_after_first_round"] == 0
+  assert out["tokens_per_s"] > 0 and out["round_gflop"] > 0 and out["peak_rss_mb"] > 0
