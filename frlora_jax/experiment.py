@@ -223,10 +223,9 @@ def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
 def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algorithm: Algorithm, plan: RoundPlan):
   """The round's `ClientInput`s (start, key, schedule position) and the clients' states going in."""
   client_states = _take(state.client_states, ids)
-  if client_states is None:  # stateless clients all start from the same tree
-    start = algorithm.client_start(state.server, None)
-    starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), start)
-    context = None
+  if client_states is None:  # stateless clients all start from the same tree, with the same context
+    shared = (algorithm.client_start(state.server, None), algorithm.client_context(state.server, None))
+    starts, context = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), shared)
   else:
     starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, client_states)
     context = jax.vmap(algorithm.client_context, in_axes=(None, 0))(state.server, client_states)

@@ -10,13 +10,16 @@ from frlora_jax.algorithms import fedopt
 from frlora_jax.algorithms.base import (Algorithm, ServerState, global_trainable, lora_settings, weighted_mean,
                                         with_trainable)
 from frlora_jax.algorithms.fedavg import fedavg
+from frlora_jax.algorithms.fedex_lora import fedex_lora
 from frlora_jax.algorithms.fedprox import fedprox
 from frlora_jax.algorithms.fedreg import fedreg
 from frlora_jax.algorithms.fedsa_lora import fedsa_lora
+from frlora_jax.algorithms.fedsvd import fedsvd
 from frlora_jax.algorithms.ffa_lora import ffa_lora
 from frlora_jax.algorithms.flexlora import flexlora
 from frlora_jax.algorithms.flora import flora
 from frlora_jax.algorithms.frlora import frlora
+from frlora_jax.algorithms.rolora import rolora
 from frlora_jax.algorithms.scaffold import scaffold
 
 Builder = Callable[..., Algorithm]  # (config) -> Algorithm
@@ -35,6 +38,9 @@ REGISTRY: dict[str, Builder] = {
     "flexlora": lambda c: flexlora(),
     "fedsa_lora": lambda c: fedsa_lora(),
     "fedreg": lambda c: fedreg(mu=float(c.fl.fedreg_mu), lora_scale=lora_lib.scale(c.lora)),
+    "fedex_lora": lambda c: fedex_lora(lora_scale=lora_lib.scale(c.lora)),
+    "rolora": lambda c: rolora(),
+    "fedsvd": lambda c: fedsvd(),
 }
 
 
