@@ -190,9 +190,11 @@ def estimate(config, hf_config) -> dict[str, int]:
   without = saved if mode == "none" else saved_activations(config, hf_config, "none")
   layers = int(getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer)
   working = {"none": 0, "full": without}.get(mode, without // layers)
-  per_client = tree_bytes(abstract_batches(config, 1)) + 4 * tree_bytes(start) + saved + working
+  batches, trained = tree_bytes(abstract_batches(config, 1)), 4 * tree_bytes(start)
+  per_client = batches + trained + saved + working
   clients = config.fl.clients_per_round or config.fl.num_clients
   server = server_step_program(config, hf_config, clients)
   return {"fixed_bytes": tree_bytes(state), "base_bytes": tree_bytes(state.server.base),
           "per_client_bytes": per_client, "saved_activation_bytes": saved, "saved_without_remat_bytes": without,
-          "recompute_working_set_bytes": working, "server_step_peak_bytes": server.peak}
+          "recompute_working_set_bytes": working, "batch_bytes": batches, "trained_tree_x4_bytes": trained,
+          "server_step_peak_bytes": server.peak}

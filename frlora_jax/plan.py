@@ -115,9 +115,11 @@ def table(result: dict) -> str:
   gb = lambda key: f"{result[key] / 1e9:10.2f} GB"
   rows = [("base (as stored; FRLoRA targets float32)", "base_bytes"),
           ("run state (base, LoRA, head, optimizer/client states)", "fixed_bytes"),
+          ("per client: round batches on the device", "batch_bytes"),
+          ("per client: LoRA + head, gradients, AdamW moments", "trained_tree_x4_bytes"),
           ("per client: saved activations", "saved_activation_bytes"),
           ("per client: recompute working set", "recompute_working_set_bytes"),
-          ("per client: total (with batches, trained tree x4)", "per_client_bytes"),
+          ("per client: total", "per_client_bytes"),
           ("server step peak (in place)", "server_step_peak_bytes"),
           ("device memory", "device_memory_bytes"),
           (f"usable ({result['memory_fraction']:.0%}, JAX's preallocation)", "usable_bytes"),
