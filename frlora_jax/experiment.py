@@ -146,9 +146,12 @@ def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.
 
 def clients_per_chunk(config, model: Optional[models.Model]) -> int:
   """config.fl.clients_per_chunk, with `auto` resolved from the model's shapes (frlora_jax.plan) before any
-  data or weights are loaded; a config whose one client does not fit stops here."""
+  data or weights are loaded; a config whose one client does not fit stops here. Only the vmap executor
+  (the accelerator default) batches clients: under map and loop, `auto` is one at a time, with no estimate."""
   if config.fl.clients_per_chunk != "auto":
     return config.fl.clients_per_chunk
+  if client.resolve_executor(config.fl.executor) != "vmap":
+    return 0
   from frlora_jax import plan
   hf_config = model.hf_config if model is not None else plan.model_config(config, None)
   return plan.auto_clients_per_chunk(config, hf_config)

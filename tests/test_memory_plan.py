@@ -117,7 +117,7 @@ def test_a_config_too_big_for_the_device_stops_before_loading_data(make_config, 
   from frlora_jax import experiment
   _limit(monkeypatch, make_config, 0.5)
   with pytest.raises(ValueError, match=r"not even one client fits: .* GB more .* config.model.remat=block"):
-    experiment.build(make_config(**{"data.path": "/nonexistent/data.csv"}))
+    experiment.build(make_config(**{"data.path": "/nonexistent/data.csv", "fl.executor": "vmap"}))
 
 
 def test_round_time_benchmark_runs_the_causal_lm_path_at_a_tiny_shape():
