@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 
 import numpy as np
 from absl import app, flags, logging
@@ -119,6 +120,8 @@ def cli():
 
   def main(argv):
     del argv
+    # As in train.py: a background job inherits SIGINT as ignored; restore it so kill -INT saves and stops.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.set_verbosity(logging.WARNING)
     import transformers
     transformers.logging.set_verbosity_error()
