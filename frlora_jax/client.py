@@ -90,13 +90,12 @@ def make_model_loss(apply_fn: Callable, *, task_loss: Callable, lora_scale: floa
   return model_loss
 
 
-def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
-                      freeze_a: bool, local_steps: int, batch_size: int, lora_scale: float, lora_dropout: float,
-                      schedule: Callable, task_loss: Callable = softmax_cross_entropy, dropout_bits: int = 32,
-                      grad_accum: int = 1, loss_units: Callable = examples_in,
-                      regularizer: Optional[Callable] = None, grad_correction: Optional[Callable] = None,
+def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
+                      freeze_a: bool, local_steps: int, batch_size: int, schedule: Callable, grad_accum: int = 1,
+                      loss_units: Callable = examples_in, regularizer: Optional[Callable] = None,
+                      grad_correction: Optional[Callable] = None,
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
-  """Build `local_update(shared, client)`.
+  """Build `local_update(shared, client)` around `model_loss(trainable, base, batch, rng)` (make_model_loss).
 
   Each local step takes its grad_accum * batch_size rows (drawn on the host, round_data.py) and,
   with grad_accum > 1, runs them as grad_accum micro-batches of batch_size one after another,
@@ -108,12 +107,8 @@ def make_local_update(apply_fn: Callable, *, tx: optax.GradientTransformation, l
   grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD), on the whole
   trainable tree (a frozen A's entries are zeros there and dropped after);
   on_client_done() is called on the host as each client finishes (progress bars). It is
-  always compiled in, so the program does not depend on whether anyone is watching;
-  dropout_bits picks the dropout masks' random bits per element (see dropout.py).
+  always compiled in, so the program does not depend on whether anyone is watching.
   """
-
-  model_loss = make_model_loss(apply_fn, task_loss=task_loss, lora_scale=lora_scale, lora_dropout=lora_dropout,
-                               dropout_bits=dropout_bits)
 
   def batch_loss(trained, frozen, base, batch, rng):
     return model_loss(join_trainable(trained, frozen), base, batch, rng)

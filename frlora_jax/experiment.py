@@ -93,24 +93,20 @@ def client_optimizer(config):
 def make_local_update(config, algorithm: Algorithm, model: models.Model, local_steps: int,
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """One client's `local_update(shared, client_input)` under this config and algorithm."""
-  workload = workloads.for_config(config)
-  train_apply, task_loss = workload.make_training(model, config)
   _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
   return client.make_local_update(
-      remat.with_remat(train_apply, model.family, config.model.remat), tx=client_optimizer(config),
+      model_loss(config, model), tx=client_optimizer(config),
       lora_lr=config.optim.lr, head_lr=config.optim.head_lr or config.optim.lr,
       freeze_a=freeze_a, local_steps=local_steps, batch_size=config.optim.batch_size,
-      lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
       schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
                                    lr=config.optim.lr, min_lr=config.optim.min_lr),
-      task_loss=task_loss, loss_units=workload.loss_units, grad_accum=config.optim.grad_accum,
-      dropout_bits=config.model.dropout_bits,
+      loss_units=workloads.for_config(config).loss_units, grad_accum=config.optim.grad_accum,
       regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
 
 
 def model_loss(config, model: models.Model) -> Callable:
   """`loss(trainable, base, batch, rng)` of one micro-batch as a local step differentiates it (remat, lean LM
-  loss, dropout on): what the memory planner traces for activations."""
+  loss, dropout on): what each local step and the memory planner's activation count use."""
   train_apply, task_loss = workloads.for_config(config).make_training(model, config)
   return client.make_model_loss(remat.with_remat(train_apply, model.family, config.model.remat), task_loss=task_loss,
                                 lora_scale=lora_lib.scale(config.lora), lora_dropout=config.lora.dropout,
