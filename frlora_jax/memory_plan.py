@@ -12,7 +12,8 @@ Two views of the same real code path (experiment.model_loss, make_local_update, 
   float32 (converted copies of operands appear), and its schedule runs the recomputation of
   rematerialised blocks early, so their activations live as long as without remat (measured:
   SmolLM2 shape, JAX's saved activations 2.34 GB -> 78 MB with remat=block, XLA:CPU plan 2.60 ->
-  2.41 GB, peak RSS 4.49 -> 4.83 GB). The CPU plan is therefore an upper bound for remat runs.
+  2.41 GB, peak RSS 4.87 -> 4.49 GB, within run-to-run noise). The CPU plan is therefore an upper
+  bound for remat runs.
 """
 from __future__ import annotations
 
@@ -103,20 +104,38 @@ def _executor_body(config, local_update, clients: int):
   return client.map_body(local_update)  # map and loop: one client at a time
 
 
-def _round(config, hf_config, clients: int):
-  """Abstract round: (algorithm, state, ids, client inputs, their states, executor body) for `clients` clients."""
-  algorithm, model, state = _pieces(config, hf_config, max(clients, config.fl.num_clients))
+def _pieces(config, hf_config, clients: int):
+  """(algorithm, model without params, abstract round-0 state of `clients` clients): traced once per plan."""
+  algorithm = algorithms.from_config(config)
+  model, params_fn = abstract_model(config, hf_config)
+  return algorithm, model, abstract_state(config, model, params_fn, algorithm, clients)
+
+
+def _client_start(algorithm, server):
+  """The abstract tree a client trains (LoRA + head) at round 0."""
+  return jax.eval_shape(lambda s: algorithm.client_start(s, algorithm.init_client_state(s)), server)
+
+
+def _round(config, pieces, clients: int):
+  """Abstract round: (ids, client inputs, their states, executor body) for `clients` of the state's clients."""
+  algorithm, model, state = pieces
   ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   start = functools.partial(experiment.start_round, algorithm=algorithm, plan=experiment.RoundPlan.from_config(config))
-  counts = jax.ShapeDtypeStruct((max(clients, config.fl.num_clients),), jnp.int32)
+  counts = jax.ShapeDtypeStruct(state.client_steps.shape, jnp.int32)
   inputs, client_states = jax.eval_shape(start, state, ids, scalar, scalar, counts)
   inputs = inputs.replace(batches=abstract_batches(config, clients))
   local_update = experiment.make_local_update(config, algorithm, model, config.fl.local_steps)
-  return algorithm, state, ids, inputs, client_states, _executor_body(config, local_update, clients)
+  return ids, inputs, client_states, _executor_body(config, local_update, clients)
 
 
-def _server_step(config, algorithm, state, ids, outputs, client_states) -> Compiled:
+def _server_step(config, pieces, round_, outputs=None) -> Compiled:
+  """XLA's plan for the in-place server step of a `_round` (`outputs`: the clients' abstract outputs, traced if
+  not given)."""
+  algorithm, _, state = pieces
+  ids, inputs, client_states, body = round_
+  if outputs is None:
+    outputs = jax.eval_shape(body, {"base": state.server.base}, inputs)
   weights_ = jax.ShapeDtypeStruct(ids.shape, jnp.float32)
   return Compiled.of(experiment.finish_round_in_place.lower(state, outputs, ids, weights_, client_states,
                                                             algorithm=algorithm,
@@ -125,38 +144,29 @@ def _server_step(config, algorithm, state, ids, outputs, client_states) -> Compi
 
 def server_step_program(config, hf_config, clients: int) -> Compiled:
   """XLA's plan for the in-place server step of `clients` clients (no model is compiled)."""
-  algorithm, state, ids, inputs, client_states, body = _round(config, hf_config, clients)
-  outputs = jax.eval_shape(body, {"base": state.server.base}, inputs)
-  return _server_step(config, algorithm, state, ids, outputs, client_states)
+  pieces = _pieces(config, hf_config, max(clients, config.fl.num_clients))
+  return _server_step(config, pieces, _round(config, pieces, clients))
 
 
 def round_programs(config, hf_config, clients: int) -> dict:
   """XLA's plans for `clients` clients' local updates (the config's executor) and the server step."""
-  algorithm, state, ids, inputs, client_states, body = _round(config, hf_config, clients)
+  pieces = _pieces(config, hf_config, max(clients, config.fl.num_clients))
+  state = pieces[2]
+  round_ = _round(config, pieces, clients)
+  _, inputs, _, body = round_
   shared = {"base": state.server.base}
   update = jax.jit(body).lower(shared, inputs).compile()
-  outputs = jax.eval_shape(body, shared, inputs)
   return {"client_update": Compiled.of(update),
-          "server_step": _server_step(config, algorithm, state, ids, outputs, client_states),
+          "server_step": _server_step(config, pieces, round_, jax.eval_shape(body, shared, inputs)),
           "state": tree_bytes(state), "base": tree_bytes(state.server.base)}
 
 
-def _pieces(config, hf_config, clients: int):
-  algorithm = algorithms.from_config(config)
-  model, params_fn = abstract_model(config, hf_config)
-  return algorithm, model, abstract_state(config, model, params_fn, algorithm, clients)
-
-
-def saved_activations(config, hf_config, remat_mode: str | None = None) -> int:
-  """Bytes JAX saves for the backward pass of one micro-batch (jaxpr residuals in their real dtypes, excluding
-  the weights themselves), under `remat_mode` (default: config.model.remat). Backend-independent."""
+def _saved_activations(config, pieces, remat_mode: str) -> int:
   from jax._src import ad_checkpoint
   config = config.copy_and_resolve_references()
-  if remat_mode is not None:
-    config.model.remat = remat_mode
-  algorithm, model, state = _pieces(config, hf_config, 1)
-  start = jax.eval_shape(lambda server: algorithm.client_start(server, algorithm.init_client_state(server)),
-                         state.server)
+  config.model.remat = remat_mode
+  algorithm, model, state = pieces
+  start = _client_start(algorithm, state.server)
   batch = {name: jax.ShapeDtypeStruct((config.optim.batch_size,) + x.shape[3:], x.dtype)
            for name, x in abstract_batches(config, 1).items()}  # one micro-batch of one client
   loss = experiment.model_loss(config, model)
@@ -171,6 +181,12 @@ def saved_activations(config, hf_config, remat_mode: str | None = None) -> int:
                  if not source.startswith("from a constant") and "argument" not in source))
 
 
+def saved_activations(config, hf_config, remat_mode: str | None = None) -> int:
+  """Bytes JAX saves for the backward pass of one micro-batch (jaxpr residuals in their real dtypes, excluding
+  the weights themselves), under `remat_mode` (default: config.model.remat). Backend-independent."""
+  return _saved_activations(config, _pieces(config, hf_config, 1), remat_mode or config.model.remat)
+
+
 def estimate(config, hf_config) -> dict[str, int]:
   """Device bytes of a round from the jaxpr, independent of any backend's scheduler.
 
@@ -182,18 +198,16 @@ def estimate(config, hf_config) -> dict[str, int]:
   base update) runs after the clients: its peak is XLA's plan for it (no dots of the model, so
   the CPU plan holds no upcast copies), reported beside.
   """
-  algorithm, _, state = _pieces(config, hf_config, config.fl.num_clients)
-  start = jax.eval_shape(lambda server: algorithm.client_start(server, algorithm.init_client_state(server)),
-                         state.server)
-  saved = saved_activations(config, hf_config)
+  pieces = _pieces(config, hf_config, config.fl.num_clients)
+  algorithm, _, state = pieces
   mode = config.model.remat
-  without = saved if mode == "none" else saved_activations(config, hf_config, "none")
+  saved = _saved_activations(config, pieces, mode)
+  without = saved if mode == "none" else _saved_activations(config, pieces, "none")
   layers = int(getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer)
   working = {"none": 0, "full": without}.get(mode, without // layers)
-  batches, trained = tree_bytes(abstract_batches(config, 1)), 4 * tree_bytes(start)
+  batches, trained = tree_bytes(abstract_batches(config, 1)), 4 * tree_bytes(_client_start(algorithm, state.server))
   per_client = batches + trained + saved + working
-  clients = config.fl.clients_per_round or config.fl.num_clients
-  server = server_step_program(config, hf_config, clients)
+  server = _server_step(config, pieces, _round(config, pieces, config.fl.clients_per_round or config.fl.num_clients))
   return {"fixed_bytes": tree_bytes(state), "base_bytes": tree_bytes(state.server.base),
           "per_client_bytes": per_client, "saved_activation_bytes": saved, "saved_without_remat_bytes": without,
           "recompute_working_set_bytes": working, "batch_bytes": batches, "trained_tree_x4_bytes": trained,

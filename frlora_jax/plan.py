@@ -83,7 +83,6 @@ def auto_clients_per_chunk(config, hf_config) -> int:
   Chunking never changes results (client.vmap_body), only how many clients share a compiled batch.
   """
   import sys
-  from frlora_jax import client
   limit, fraction, what = device_limit()
   result = plan(config, hf_config, limit, fraction)
   clients = result["config_clients_per_round"]
@@ -95,10 +94,9 @@ def auto_clients_per_chunk(config, hf_config) -> int:
         f"config.model.param_dtype=bfloat16, a smaller config.optim.batch_size with config.optim.grad_accum, or a "
         f"shorter config.data.max_length (python -m frlora_jax.plan shows the effect of each).")
   chunk = result["clients_per_chunk"]
-  if client.resolve_executor(config.fl.executor) == "vmap":
-    print(f"fl.clients_per_chunk=auto: {chunk} of {clients} clients at once ({result['fixed_bytes'] / 1e9:.2f} GB "
-          f"fixed + {result['per_client_bytes'] / 1e9:.2f} GB per client within {result['usable_bytes'] / 1e9:.2f} GB, "
-          f"{fraction:.0%} of {what})", file=sys.stderr)
+  print(f"fl.clients_per_chunk=auto: {chunk} of {clients} clients at once ({result['fixed_bytes'] / 1e9:.2f} GB "
+        f"fixed + {result['per_client_bytes'] / 1e9:.2f} GB per client within {result['usable_bytes'] / 1e9:.2f} GB, "
+        f"{fraction:.0%} of {what})", file=sys.stderr)
   return 0 if chunk >= clients else chunk
 
 
