@@ -21,6 +21,7 @@ NLG = ("metamathqa", "alpaca_gpt4", "fed_aya", "fed_chatbotit", "fed_wildchat")
 NLU = ("qnli", "cola", "rte", "twenty_news")
 GB = 1e9
 USABLE = 0.75  # JAX's default GPU preallocation fraction
+A100_40GB = 40 * 2 ** 30
 
 
 def llama2_7b():
@@ -45,14 +46,17 @@ def load_config(path: str):
 
 
 def plan(path: str) -> dict:
-  from frlora_jax import memory_plan
+  from frlora_jax import memory_plan, plan as plan_lib
   config = load_config(path)
   nlg = config.data.kind == "instruction"
   shape = llama2_7b() if nlg else roberta_base(max(2, int(config.data.get("num_labels", 0) or 2)))
   clients = config.fl.clients_per_round or config.fl.num_clients
-  vmapped = min(clients, config.fl.clients_per_chunk or clients)  # clients whose activations coexist
   t0 = time.perf_counter()
   e = memory_plan.estimate(config, shape)
+  chunk = config.fl.clients_per_chunk
+  if chunk == "auto":  # what auto picks on an A100 40 GB: 90% of XLA's bytes_limit (75% of the GPU)
+    chunk = plan_lib.fit(e, clients, int(USABLE * A100_40GB), 0.9)["clients_per_chunk"]
+  vmapped = max(1, min(clients, chunk or clients))  # clients whose activations coexist
   total = max(e["fixed_bytes"] + vmapped * e["per_client_bytes"], e["server_step_peak_bytes"])
   fit = lambda device: int(max(0, (USABLE * device - e["fixed_bytes"]) // e["per_client_bytes"]))
   return {"config": path, "model_shape": "Llama-2-7B" if nlg else "roberta-base", "clients_per_round": clients,
@@ -60,7 +64,8 @@ def plan(path: str) -> dict:
           "batch": f"{config.optim.grad_accum} x {config.optim.batch_size} x {config.data.max_length}",
           "param_dtype": config.model.param_dtype, "remat": config.model.remat,
           "fixed_gb": round(e["fixed_bytes"] / GB, 2), "per_client_gb": round(e["per_client_bytes"] / GB, 2),
-          "server_step_gb": round(e["server_step_peak_bytes"] / GB, 2), "round_gb": round(total / GB, 2), "fits_40gb": total <= USABLE * 40 * GB,
+          "server_step_gb": round(e["server_step_peak_bytes"] / GB, 2), "round_gb": round(total / GB, 2),
+          "fits_40gb": total <= USABLE * 40 * GB,
           "clients_fitting_40gb": fit(40 * GB), "clients_fitting_80gb": fit(80 * GB),
           "estimate_s": round(time.perf_counter() - t0, 1)}
 
