@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from frlora_jax import lora as lora_lib
@@ -140,8 +141,11 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
+        item = flax.serialization.to_state_dict(lean(template))
+        on_disk = set(ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.directory) / str(step) / "state").keys())
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(flax.serialization.to_state_dict(lean(template))),
+            state=ocp.args.StandardRestore({k: v for k, v in item.items() if k in on_disk}),
             metrics=ocp.args.JsonRestore(), base=ocp.args.JsonRestore()))
       except Exception as e:  # corrupted on disk: fall back to the previous checkpoint
         failures.append(f"step {step}: {str(e).splitlines()[0][:200]}")
@@ -149,7 +153,11 @@ class Checkpointer:
                         self.directory, failures[-1])
         continue
       _check_base(restored.base, base_fingerprint, os.path.join(self.directory, str(step)), self.model_name)
-      state = flax.serialization.from_state_dict(lean(template), restored.state)
+      missing = {field: value for field, value in item.items() if field not in restored.state}
+      if any(value is not None for value in missing.values()):
+        raise ValueError(f"checkpoint {step} has no {', '.join(sorted(missing))}: it was written by a run "
+                         f"without them (an older version or other settings)")
+      state = flax.serialization.from_state_dict(lean(template), dict(restored.state, **missing))
       return with_base(state, template.server.base), list(restored.metrics)
     if failures:
       raise RuntimeError(f"No checkpoint in {self.directory} restores ({'; '.join(failures)}). Nothing was "
@@ -175,8 +183,22 @@ class Checkpointer:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's saved config; fields added to the project since it was written take their defaults
+  (which keep the old behaviour, as `check_compatible` assumes)."""
+  from frlora_jax import defaults
   with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = defaults.get_config().to_dict()
+  _merge(config, saved)
+  return ml_collections.ConfigDict(config)
+
+
+def _merge(into: dict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(into.get(key), dict):
+      _merge(into[key], value)
+    else:
+      into[key] = value
 
 
 def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict, int, dict]:

@@ -20,6 +20,7 @@ import optax
 from frlora_jax import dropout as dropout_lib
 from frlora_jax import lora as lora_lib
 from frlora_jax import optim
+from frlora_jax import ranks as ranks_lib
 
 EXECUTORS = ("auto", "vmap", "map", "loop")
 
@@ -34,6 +35,7 @@ class ClientInput:
   opt_state: Any = None   # kept optimizer state (of the trained part), or None for a fresh AdamW
   context: Any = None     # what the algorithm's loss / gradient hooks read (Algorithm.client_context)
   batches: Any = None     # {column: [local_steps, grad_accum * batch_size, ...]} (round_data.RoundBatches)
+  rank_mask: Any = None   # [r_max] 0/1: the LoRA components this client trains (ranks.py), or None: all
 
 
 @flax.struct.dataclass
@@ -156,6 +158,8 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
       _, k_step = jax.random.split(jax.random.fold_in(client.rng, i))  # the first half drew the batch's rows
       loss, grads = grad_fn(trained, frozen, base, batch, k_step, client)
       updates, opt_state = tx.update(corrected(grads, frozen, client), opt_state, trained)
+      if client.rank_mask is not None:  # components beyond the client's rank stay as they started
+        updates = dict(updates, lora=ranks_lib.mask_lora(updates["lora"], client.rank_mask))
       multiplier = schedule(client.step0 + i, client.step0, client.total_steps)
       return (optim.apply_step(trained, updates, rates, multiplier), opt_state), loss
 

@@ -1,7 +1,7 @@
 """Checks of a config that need no data or model: they run before any work is done."""
 from __future__ import annotations
 
-from frlora_jax import algorithms, client, dropout, remat, weights
+from frlora_jax import algorithms, client, dropout, ranks, remat, weights
 from frlora_jax.algorithms.fedopt import SERVER_RULES
 from frlora_jax.optim import SCHEDULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
@@ -82,7 +82,11 @@ def check(config) -> None:
   if data.kind == "classification" and (not data.text_fields or len(data.text_fields) > 2):
     raise ValueError(f"config.data.text_fields={tuple(data.text_fields)} must name one or two columns.")
   # The algorithm's own checks (its hyperparameters, LoRA settings it fixes), before any data is read.
-  algorithms.lora_settings(algorithms.from_config(config), lora)
+  algorithm = algorithms.from_config(config)
+  algorithms.lora_settings(algorithm, lora)
+  ranks.check_algorithm(fl.client_ranks, algorithm)
+  if fl.partition != "natural":  # natural partitions know their client count only once the data is read
+    ranks.parse(fl.client_ranks, fl.num_clients, lora.rank)
 
 
 def check_instruction(config) -> None:

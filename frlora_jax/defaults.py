@@ -69,6 +69,9 @@ def get_config():
   # vmap at most this many clients at once: auto (the most that fit the device, frlora_jax.plan) | N | 0 (all)
   c.fl.clients_per_chunk = ml_collections.FieldReference("auto", field_type=object)
   c.fl.shard_clients = "auto"     # auto (when >1 device) | on | off: split clients over local devices
+  c.fl.client_ranks = ""           # '' | '4,8,16,4,8' | 'tiers:4,8,16' | 'halved:3' (frlora_jax/ranks.py)
+  c.fl.hetlora_prune_gamma = 1.0  # HetLoRA self-pruning: rank -> floor(gamma r) when the tail shrinks (1: off)
+  c.fl.hetlora_prune_lambda = 0.01  # HetLoRA: weight of the tail-norm penalty when pruning
   c.fl.aggregation = "factors"    # FRLoRA: factors | product
   c.fl.weighting = "data_size"    # data_size | uniform
   c.fl.keep_optimizer_state = False  # the published code keeps each client's AdamW across rounds

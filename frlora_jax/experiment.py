@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, interrupts,
-                        lora as lora_lib, models, optim, remat, rng, round_data, run_log, weights, workloads)
+                        lora as lora_lib, models, optim, ranks as ranks_lib, remat, rng, round_data, run_log, weights,
+                        workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -36,6 +37,7 @@ class RunState:
   client_steps: jax.Array     # [K] int32, local steps each client has taken
   client_opt: Any = None      # [K, ...] kept optimizer states, or None
   client_states: Any = None   # [K, ...] the algorithm's per-client states, or None
+  client_ranks: Any = None    # [K] int32 LoRA rank of each client (config.fl.client_ranks, ranks.py), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +199,17 @@ def fresh_state(config, algorithm: Algorithm, server: ServerState, num_clients: 
     start = algorithm.client_start(server, client_state)
     client_opt = stacked(client.trained_optimizer_state(client_optimizer(config), start, freeze_a))
   return RunState(round=jnp.zeros((), jnp.int32), server=server, client_steps=jnp.zeros((k,), jnp.int32),
-                  client_opt=client_opt, client_states=None if client_state is None else stacked(client_state))
+                  client_opt=client_opt, client_states=None if client_state is None else stacked(client_state),
+                  client_ranks=client_ranks(config, algorithm, k))
+
+
+def client_ranks(config, algorithm: Algorithm, num_clients: int) -> Optional[jax.Array]:
+  """[K] int32 ranks when clients differ (config.fl.client_ranks) or may prune (HetLoRA), else None."""
+  ranks_lib.check_algorithm(config.fl.client_ranks, algorithm)
+  ranks = ranks_lib.parse(config.fl.client_ranks, num_clients, config.lora.rank)
+  if ranks is None and algorithm.update_ranks is not None:
+    ranks = np.full((num_clients,), config.lora.rank, np.int32)
+  return None if ranks is None else jnp.asarray(ranks, jnp.int32)
 
 
 # ----- one round -----
@@ -236,9 +248,16 @@ def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algo
     total = (-(-counts[ids] // plan.batch_size)) * total_rounds
   else:
     total = jnp.full(ids.shape, total_rounds * plan.local_steps)
+  rank_mask = None
+  if state.client_ranks is not None:  # clients of different ranks: each trains its first r_k components
+    max_rank = jax.tree_util.tree_leaves(state.server.lora)[0].shape[-1]
+    rank_mask = ranks_lib.masks(state.client_ranks[ids], max_rank)
+    if algorithm.rank_heterogeneity == "truncate":
+      starts = dict(starts, lora=jax.vmap(ranks_lib.mask_lora)(starts["lora"], rank_mask))
   inputs = client.ClientInput(
       start=starts, rng=rng.round_keys(plan.seed, round_index, ids), step0=step0.astype(jnp.int32),
-      total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), context=context)
+      total_steps=total.astype(jnp.int32), opt_state=_take(state.client_opt, ids), context=context,
+      rank_mask=rank_mask)
   return inputs, client_states
 
 
@@ -247,9 +266,12 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
                  algorithm: Algorithm, local_steps: int):
   """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
   server, new_client_states = algorithm.aggregate(state.server, outputs.trainable, weights, client_states)
+  ranks = state.client_ranks
+  if ranks is not None and algorithm.update_ranks is not None:
+    ranks = ranks.at[ids].set(algorithm.update_ranks(state.server, outputs.trainable, ranks[ids]))
   new_state = RunState(round=state.round + 1, server=server, client_steps=state.client_steps.at[ids].add(local_steps),
                        client_opt=_put(state.client_opt, ids, outputs.opt_state),
-                       client_states=_put(state.client_states, ids, new_client_states))
+                       client_states=_put(state.client_states, ids, new_client_states), client_ranks=ranks)
   return new_state, client.all_finite(server)
 
 
@@ -312,9 +334,12 @@ def commit_round(exp: Experiment, state: RunState, updates: LocalUpdates, round_
   """The server phase of a round and its training record."""
   new_state = server_update(exp, state, updates, in_place)
   losses = np.asarray(updates.output.loss, np.float64)
-  return new_state, {"round": round_index + 1, "algorithm": exp.algorithm.name,
-                     "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
-                     "clients": updates.ids.tolist()}
+  record = {"round": round_index + 1, "algorithm": exp.algorithm.name,
+            "train_loss": float(losses.mean()), "client_losses": [round(float(x), 6) for x in losses],
+            "clients": updates.ids.tolist()}
+  if new_state.client_ranks is not None:  # after the round (HetLoRA may have pruned)
+    record["client_ranks"] = np.asarray(new_state.client_ranks)[updates.ids].tolist()
+  return new_state, record
 
 
 def evaluate(exp: Experiment, server: ServerState) -> dict[str, float]:

@@ -31,6 +31,6 @@ def test_compare_tables_every_algorithm_and_seed(make_config, tmp_path):
 def test_rounds_to_reach_and_algorithm_names():
   assert compare.rounds_to_reach(np.array([1, 2, 3]), np.array([0.5, 0.7, 0.9]), 0.7) == 2.0
   assert np.isnan(compare.rounds_to_reach(np.array([1, 2]), np.array([0.1, 0.2]), 0.7))
-  assert "fedreg" in compare.parse_algorithms("all") and len(compare.parse_algorithms("all")) == 16
+  assert "fedreg" in compare.parse_algorithms("all") and len(compare.parse_algorithms("all")) == 17
   with pytest.raises(ValueError, match="--algorithms: 'fedfoo' is unknown"):
     compare.parse_algorithms("frlora,fedfoo")

@@ -19,6 +19,7 @@ from frlora_jax.algorithms.ffa_lora import ffa_lora
 from frlora_jax.algorithms.flexlora import flexlora
 from frlora_jax.algorithms.flora import flora
 from frlora_jax.algorithms.frlora import frlora
+from frlora_jax.algorithms.hetlora import hetlora
 from frlora_jax.algorithms.rolora import rolora
 from frlora_jax.algorithms.scaffold import scaffold
 
@@ -41,6 +42,8 @@ REGISTRY: dict[str, Builder] = {
     "fedex_lora": lambda c: fedex_lora(lora_scale=lora_lib.scale(c.lora)),
     "rolora": lambda c: rolora(),
     "fedsvd": lambda c: fedsvd(),
+    "hetlora": lambda c: hetlora(prune_gamma=float(c.fl.hetlora_prune_gamma),
+                                 prune_lambda=float(c.fl.hetlora_prune_lambda)),
 }
 
 

@@ -49,6 +49,11 @@ class Algorithm(NamedTuple):
   - updates_base: the rule adds updates to the frozen base every round (FRLoRA's residual,
     FLoRA's merge): its targeted kernels are then kept in float32 whatever the storage dtype,
     so small updates are not rounded away (exact residual accumulation).
+  - rank_heterogeneity: how clients of different ranks (config.fl.client_ranks) start: 'truncate'
+    (the first r_k components of the global factors, the rest zero) or 'freeze' (the rest kept
+    at their global values, untrained); None if the algorithm does not define different ranks.
+  - update_ranks(server, client_trainables, ranks) -> the round's clients' new ranks (HetLoRA's
+    self-pruning), or None: ranks stay as configured.
   - uploads / downloads: the parts a client sends / receives each round ('lora', 'lora_a',
     'lora_b', 'head', 'control', 'lora_stacked'), for the communication accounting.
   """
@@ -65,6 +70,8 @@ class Algorithm(NamedTuple):
   regularizer: Optional[Callable] = None
   grad_correction: Optional[Callable] = None
   updates_base: bool = False
+  rank_heterogeneity: Optional[str] = None
+  update_ranks: Optional[Callable] = None
   uploads: tuple = ("lora", "head")
   downloads: tuple = ("lora", "head")
 

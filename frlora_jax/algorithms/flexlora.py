@@ -20,4 +20,4 @@ def flexlora() -> Algorithm:
     return server.replace(lora=lora_lib.map_lora(refactor, server.lora, client_trainables["lora"]),
                           head=weighted_mean(client_trainables["head"], weights)), client_states
 
-  return Algorithm(name="flexlora", aggregate=aggregate)
+  return Algorithm(name="flexlora", aggregate=aggregate, rank_heterogeneity="truncate")

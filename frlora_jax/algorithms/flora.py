@@ -48,4 +48,5 @@ def flora(*, lora_scale: float) -> Algorithm:
 
   # Clients download the stacked factors of every sampled client (to merge them locally).
   return Algorithm(name="flora", lora_init="kaiming", aggregate=aggregate, init=init, updates_base=True,
+                   rank_heterogeneity="truncate",
                    downloads=("lora_stacked", "head"))

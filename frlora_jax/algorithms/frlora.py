@@ -38,4 +38,5 @@ def frlora(*, lora_scale: float, aggregation: str) -> Algorithm:
     return server.replace(base=lora_lib.add_to_kernels(server.base, updates),
                           head=weighted_mean(client_trainables["head"], weights)), client_states
 
-  return Algorithm(name="frlora", lora_init="pissa", aggregate=aggregate, updates_base=True)
+  return Algorithm(name="frlora", lora_init="pissa", aggregate=aggregate, updates_base=True,
+                   rank_heterogeneity="freeze")
