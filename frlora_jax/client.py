@@ -19,7 +19,7 @@ import optax
 
 from frlora_jax import dropout as dropout_lib
 from frlora_jax import lora as lora_lib
-from frlora_jax import optim
+from frlora_jax import optim, privacy
 from frlora_jax import ranks as ranks_lib
 
 EXECUTORS = ("auto", "vmap", "map", "loop")
@@ -95,7 +95,7 @@ def make_model_loss(apply_fn: Callable, *, task_loss: Callable, lora_scale: floa
 def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation, lora_lr: float, head_lr: float,
                       freeze_a: bool, local_steps: int, batch_size: int, schedule: Callable, grad_accum: int = 1,
                       loss_units: Callable = examples_in, regularizer: Optional[Callable] = None,
-                      grad_correction: Optional[Callable] = None,
+                      grad_correction: Optional[Callable] = None, dp_sample: Optional[tuple[float, float]] = None,
                       on_client_done: Callable[[], None] = lambda: None) -> Callable:
   """Build `local_update(shared, client)` around `model_loss(trainable, base, batch, rng)` (make_model_loss).
 
@@ -108,6 +108,8 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
   regularizer(trainable, client) -> scalar is added to the loss (FedProx);
   grad_correction(grads, client) -> grads adjusts gradients (SCAFFOLD), on the whole
   trainable tree (a frozen A's entries are zeros there and dropped after);
+  dp_sample=(clip_norm, noise_multiplier): DP-SGD (privacy.py): every example's gradient clipped,
+  summed, Gaussian noise added, divided by the step's rows (examples weigh equally);
   on_client_done() is called on the host as each client finishes (progress bars). It is
   always compiled in, so the program does not depend on whether anyone is watching.
   """
@@ -138,7 +140,36 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
       loss, grads = loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
     return loss, grads
 
-  grad_fn = jax.value_and_grad(loss_fn) if grad_accum == 1 else accumulated_value_and_grad
+  def private_value_and_grad(trained, frozen, base, batch, rng, client):
+    clip_norm, noise_multiplier = dp_sample
+    rows = grad_accum * batch_size
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, batch_size) + x.shape[1:]), batch)
+
+    def one_example(example, key):
+      loss, grads = jax.value_and_grad(batch_loss)(trained, frozen, base,
+                                                   jax.tree_util.tree_map(lambda x: x[None], example), key)
+      return loss, privacy.clip(grads, clip_norm)
+
+    def add_micro_batch(total, xs):
+      micro_batch, key = xs
+      losses, grads = jax.vmap(one_example)(micro_batch, jax.random.split(key, batch_size))
+      return (total[0] + losses.sum(), jax.tree_util.tree_map(lambda t, g: t + g.sum(0), total[1], grads)), None
+
+    k_examples, k_noise = jax.random.split(rng)
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), trained))
+    (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, (micro, jax.random.split(k_examples, grad_accum)))
+    noise = privacy.gaussian_like(grads, k_noise, noise_multiplier * clip_norm)
+    grads = jax.tree_util.tree_map(lambda g, z, p: ((g + z) / rows).astype(p.dtype), grads, noise, trained)
+    loss = loss / rows
+    if regularizer is not None:  # data-independent (FedProx): no privacy cost
+      penalty, penalty_grads = jax.value_and_grad(lambda t: regularizer(join_trainable(t, frozen), client))(trained)
+      loss, grads = loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
+    return loss, grads
+
+  if dp_sample is not None:
+    grad_fn = private_value_and_grad
+  else:
+    grad_fn = jax.value_and_grad(loss_fn) if grad_accum == 1 else accumulated_value_and_grad
 
   def corrected(grads, frozen, client):
     if grad_correction is None:

@@ -1,7 +1,7 @@
 """Checks of a config that need no data or model: they run before any work is done."""
 from __future__ import annotations
 
-from frlora_jax import algorithms, client, dropout, ranks, remat, weights
+from frlora_jax import algorithms, client, dropout, privacy, ranks, remat, weights
 from frlora_jax.algorithms.fedopt import SERVER_RULES
 from frlora_jax.optim import SCHEDULES
 from frlora_jax.data import METRICS, PARTITIONS, SOURCES, TASKS, instructions
@@ -85,6 +85,7 @@ def check(config) -> None:
   algorithm = algorithms.from_config(config)
   algorithms.lora_settings(algorithm, lora)
   ranks.check_algorithm(fl.client_ranks, algorithm)
+  privacy.check(config, algorithm)
   if fl.partition != "natural":  # natural partitions know their client count only once the data is read
     ranks.parse(fl.client_ranks, fl.num_clients, lora.rank)
 

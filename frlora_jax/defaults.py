@@ -86,6 +86,13 @@ def get_config():
   c.fl.server_rule = "textbook"   # FedAvgM / FedAdagrad / FedYogi / FedAdam: textbook | official (published code)
   c.fl.schedule_steps = "local"   # local: rounds*local_steps; loader: ceil(n_k/batch)*rounds (published code)
 
+  c.dp = ml_collections.ConfigDict()  # differential privacy (frlora_jax/privacy.py; pip install -e '.[dp]')
+  c.dp.mode = "none"              # none | sample (DP-SGD on each client) | client (DP-FedAvg at the server)
+  c.dp.clip_norm = 1.0            # L2 bound of each example's gradient (sample) or client's update (client)
+  c.dp.noise_multiplier = 1.0     # sigma: noise std = sigma * clip_norm (client: / clients per round)
+  c.dp.delta = 1e-5
+  c.dp.target_epsilon = 0.0       # > 0: derive noise_multiplier before training so the run ends at this epsilon
+
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 16
   c.lora.alpha = 32.0

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, interrupts,
-                        lora as lora_lib, models, optim, ranks as ranks_lib, remat, rng, round_data, run_log, weights,
+                        lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log, weights,
                         workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
@@ -103,7 +103,8 @@ def make_local_update(config, algorithm: Algorithm, model: models.Model, local_s
       schedule=optim.make_schedule(config.optim.schedule, warmup_ratio=config.optim.warmup_ratio,
                                    lr=config.optim.lr, min_lr=config.optim.min_lr),
       loss_units=workloads.for_config(config).loss_units, grad_accum=config.optim.grad_accum,
-      regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done)
+      regularizer=algorithm.regularizer, grad_correction=algorithm.grad_correction, on_client_done=on_client_done,
+      dp_sample=(float(config.dp.clip_norm), float(config.dp.noise_multiplier)) if config.dp.mode == "sample" else None)
 
 
 def model_loss(config, model: models.Model) -> Callable:
@@ -164,6 +165,7 @@ def _assemble(config, model, data) -> Experiment:
     data = data_lib.build(config, tokenizer)
   if model is None:
     model = workload.load_model(config, data)
+  config = privacy.with_resolved_noise(config, [len(rows) for rows in data.client_indices])
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)
   client_bar = run_log.ClientBar()
@@ -223,6 +225,14 @@ def sample_clients(config, num_clients: int, round_index: int) -> np.ndarray:
   return np.sort(rng.choice(num_clients, size=m, replace=False))
 
 
+def participations(config, num_clients: int, rounds: int) -> np.ndarray:
+  """[K] how many of the first `rounds` rounds each client trained in (the privacy accountant's steps)."""
+  counts = np.zeros(num_clients, np.int64)
+  for r in range(rounds):
+    counts[sample_clients(config, num_clients, r)] += 1
+  return counts
+
+
 def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
   """p_k: data-size weights or uniform, summing to 1."""
   counts = np.asarray(counts, np.float64)
@@ -261,11 +271,20 @@ def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algo
   return inputs, client_states
 
 
-@functools.partial(jax.jit, static_argnames=("algorithm", "local_steps"))
+@functools.partial(jax.jit, static_argnames=("algorithm", "local_steps", "dp"))
 def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, client_states, *,
-                 algorithm: Algorithm, local_steps: int):
-  """Aggregate, and write the clients' kept states back; `finite` guards the commit."""
-  server, new_client_states = algorithm.aggregate(state.server, outputs.trainable, weights, client_states)
+                 algorithm: Algorithm, local_steps: int, dp: Optional[privacy.ClientLevel] = None):
+  """Aggregate, and write the clients' kept states back; `finite` guards the commit.
+
+  dp: client-level DP (DP-FedAvg): the server sees clipped, noised updates (privacy.py).
+  """
+  trainables = outputs.trainable
+  if dp is not None:
+    starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, client_states) \
+        if client_states is not None else jax.tree_util.tree_map(
+            lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), algorithm.client_start(state.server, None))
+    trainables = privacy.privatize_updates(starts, trainables, rng.privacy_key(dp.seed, state.round), dp)
+  server, new_client_states = algorithm.aggregate(state.server, trainables, weights, client_states)
   ranks = state.client_ranks
   if ranks is not None and algorithm.update_ranks is not None:
     ranks = ranks.at[ids].set(algorithm.update_ranks(state.server, outputs.trainable, ranks[ids]))
@@ -277,7 +296,7 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
 
 # The same step writing the new state into the old one's buffers: FRLoRA's base += s B A then
 # needs no second copy of the base. The old state is gone afterwards, so only `run` uses it.
-finish_round_in_place = jax.jit(finish_round.__wrapped__, static_argnames=("algorithm", "local_steps"),
+finish_round_in_place = jax.jit(finish_round.__wrapped__, static_argnames=("algorithm", "local_steps", "dp"),
                                 donate_argnames=("state",))
 
 
@@ -317,7 +336,8 @@ def server_update(exp: Experiment, state: RunState, updates: LocalUpdates, in_pl
   """
   step = finish_round_in_place if in_place else finish_round
   new_state, finite = step(state, updates.output, jnp.asarray(updates.ids, jnp.int32), updates.weights,
-                           updates.client_states, algorithm=exp.algorithm, local_steps=exp.config.fl.local_steps)
+                           updates.client_states, algorithm=exp.algorithm, local_steps=exp.config.fl.local_steps,
+                           dp=privacy.client_level(exp.config))
   if not bool(finite):
     raise NonFiniteError(f"Round {int(state.round) + 1}: the aggregated global model is non-finite; "
                          f"the run stopped and the last good checkpoint is kept.")
@@ -398,6 +418,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   log = run_log.RunLog(workdir, config, history)
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
                              config.fl.clients_per_round or exp.num_clients)
+  accountant = privacy.accountant(exp.config, exp.client_counts, exp.config.dp.noise_multiplier)
   records, logged = [], state
   if config.eval_before_training and start == 0 and not history:
     record = {"round": 0, "algorithm": exp.algorithm.name, "eval": evaluate(exp, state.server), "clients": []}
@@ -422,6 +443,9 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
           record["seconds"] = last_round_s = round(time.time() - t0, 4)
           record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
                                          * len(record["clients"]))
+          if accountant is not None:
+            record["privacy"] = accountant.record(r + 1 if accountant.mode == "client" else
+                                                  participations(config, exp.num_clients, r + 1))
           history.append(record)
           logged = state
           log.write(record)

@@ -7,6 +7,11 @@ so any executor, process count or resume draws the same numbers.
 import jax
 
 
+def privacy_key(seed: int, round_index):
+  """The server's noise key for a round (client-level DP): a third stream of the seed."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), round_index)
+
+
 def random_streams(seed: int) -> tuple[jax.Array, jax.Array]:
   """(initialisation key, rounds key)."""
   root = jax.random.PRNGKey(seed)

@@ -54,6 +54,8 @@ class Algorithm(NamedTuple):
     at their global values, untrained); None if the algorithm does not define different ranks.
   - update_ranks(server, client_trainables, ranks) -> the round's clients' new ranks (HetLoRA's
     self-pruning), or None: ranks stay as configured.
+  - mean_based: `aggregate` reads the clients' trees only through their weighted mean (FedAvg,
+    FedOpt, FFA-LoRA, FRLoRA's factor averaging, ...): client-level DP (privacy.py) is defined.
   - uploads / downloads: the parts a client sends / receives each round ('lora', 'lora_a',
     'lora_b', 'head', 'control', 'lora_stacked'), for the communication accounting.
   """
@@ -71,6 +73,7 @@ class Algorithm(NamedTuple):
   grad_correction: Optional[Callable] = None
   updates_base: bool = False
   rank_heterogeneity: Optional[str] = None
+  mean_based: bool = False
   update_ranks: Optional[Callable] = None
   uploads: tuple = ("lora", "head")
   downloads: tuple = ("lora", "head")

@@ -6,4 +6,4 @@ def fedavg() -> Algorithm:
   def aggregate(server, client_trainables, weights, client_states):
     return with_trainable(server, weighted_mean(client_trainables, weights)), client_states
 
-  return Algorithm(name="fedavg", aggregate=aggregate)
+  return Algorithm(name="fedavg", aggregate=aggregate, mean_based=True)

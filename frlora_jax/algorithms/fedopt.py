@@ -103,7 +103,7 @@ def server_optimizer(name: str, tx: optax.GradientTransformation) -> Algorithm:
     updates, opt_state = tx.update(pseudo_gradient, server.algorithm_state, x)
     return with_trainable(server, optax.apply_updates(x, updates)).replace(algorithm_state=opt_state), client_states
 
-  return Algorithm(name=name, aggregate=aggregate, init=init)
+  return Algorithm(name=name, aggregate=aggregate, init=init, mean_based=True)
 
 
 def from_fl_config(name: str, fl) -> Algorithm:

@@ -35,5 +35,5 @@ def fedsvd() -> Algorithm:
     return server.replace(lora=lora_lib.map_lora(refactor, server.lora, client_trainables["lora"]),
                           head=weighted_mean(client_trainables["head"], weights)), client_states
 
-  return Algorithm(name="fedsvd", aggregate=aggregate, freeze_a=True, uploads=("lora_b", "head"),
+  return Algorithm(name="fedsvd", aggregate=aggregate, freeze_a=True, mean_based=True, uploads=("lora_b", "head"),
                    downloads=("lora", "head"))

@@ -9,5 +9,5 @@ def ffa_lora() -> Algorithm:
                              server.lora, client_trainables["lora"])
     return server.replace(lora=lora, head=weighted_mean(client_trainables["head"], weights)), client_states
 
-  return Algorithm(name="ffa_lora", lora_init="kaiming", freeze_a=True, aggregate=aggregate,
+  return Algorithm(name="ffa_lora", lora_init="kaiming", freeze_a=True, mean_based=True, aggregate=aggregate,
                    uploads=("lora_b", "head"), downloads=("lora_b", "head"))

@@ -39,4 +39,5 @@ def frlora(*, lora_scale: float, aggregation: str) -> Algorithm:
                           head=weighted_mean(client_trainables["head"], weights)), client_states
 
   return Algorithm(name="frlora", lora_init="pissa", aggregate=aggregate, updates_base=True,
-                   rank_heterogeneity="freeze")
+                   rank_heterogeneity="freeze",
+                   mean_based=aggregation == "factors")

@@ -38,5 +38,5 @@ def rolora() -> Algorithm:
 
   # One factor travels each way per round: counted as B (the same size as A for square kernels such as q, v).
   return Algorithm(name="rolora", aggregate=aggregate, init=init, client_context=client_context,
-                   grad_correction=grad_correction, freeze_a=False, uploads=("lora_b", "head"),
+                   grad_correction=grad_correction, freeze_a=False, mean_based=True, uploads=("lora_b", "head"),
                    downloads=("lora_b", "head"))
