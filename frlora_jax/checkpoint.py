@@ -21,6 +21,7 @@ import os
 from typing import Any, Optional
 
 import flax.serialization
+import jax
 import numpy as np
 from absl import logging
 import ml_collections
@@ -126,7 +127,8 @@ class Checkpointer:
     if self.manager.latest_step() is not None and os.path.exists(id_path):
       with open(id_path) as f:
         check_compatible(json.load(f), config)
-    run_log.write_atomic(id_path, json.dumps(identity(config), indent=1, sort_keys=True) + "\n")
+    if jax.process_index() == 0:  # one writer in a multi-process run (the workdir is shared)
+      run_log.write_atomic(id_path, json.dumps(identity(config), indent=1, sort_keys=True) + "\n")
 
   def restore_latest(self, template, base_fingerprint: str) -> tuple[Any, list[dict]]:
     """(state, metrics records) of the newest checkpoint that restores, or (template, []) if none exist.

@@ -240,11 +240,14 @@ def shard_over_devices(body: Callable, devices=None) -> Callable:
   so results equal a single device's and the base weights sit once on every device.
   """
   from jax.sharding import Mesh, PartitionSpec as P
-  mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("clients",))
+  from frlora_jax import distributed
+  mesh = Mesh(np.asarray(devices), ("clients",)) if devices is not None else distributed.mesh()
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("clients")), out_specs=P("clients"), check_vma=False)
 
   def run(shared, clients):
     k = num_clients(clients)
+    if k % mesh.size == 0:  # (a multi-process run pads before it builds its global inputs)
+      return sharded(shared, clients)
     out = sharded(shared, _pad_clients(clients, mesh.size))
     return jax.tree_util.tree_map(lambda x: x[:k], out)
 

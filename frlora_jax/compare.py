@@ -18,6 +18,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from frlora_jax import distributed
+
 
 def parse_algorithms(text: str) -> list[str]:
   from frlora_jax import algorithms
@@ -91,12 +93,16 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
       if not report_only:
         print(f"== {name} seed {seed} -> {run_dir}", flush=True)
         experiment.run(run_config, run_dir)
+      if not distributed.is_main():  # process 0 logs and summarises a multi-process comparison
+        continue
       records = run_log.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
       if report_only and not any(r["round"] == config.fl.rounds for r in records):
         continue
       curves[name].append(eval_curve(records, config.data.metric))
     if not curves[name]:
       del curves[name]
+  if not distributed.is_main():
+    return []
   if not curves:
     raise ValueError(f"No finished run under {workdir}; run without --report_only first.")
   rows, target = summarise(curves, target)
@@ -117,6 +123,7 @@ def cli():
   workdir = flags.DEFINE_string("workdir", None, "Where runs and results go.")
   target = flags.DEFINE_float("target", None, "Eval metric to reach; default 95% of the best mean final value.")
   report_only = flags.DEFINE_bool("report_only", False, "Run nothing; tabulate the finished runs in --workdir.")
+  join_processes = distributed.define_flags()
 
   def main(argv):
     del argv
@@ -128,10 +135,19 @@ def cli():
     if not workdir.value or config.value is None:
       raise app.UsageError("--config and --workdir are required.")
     os.makedirs(workdir.value, exist_ok=True)
+    try:
+      join_processes()
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
     seed_list = [int(s) for s in seeds.value.split(",") if s.strip()]
-    compare(config.value, parse_algorithms(algorithm_names.value), seed_list, workdir.value, target.value,
-            report_only.value)
-    print(open(os.path.join(workdir.value, "results.md")).read())
+    try:
+      compare(config.value, parse_algorithms(algorithm_names.value), seed_list, workdir.value, target.value,
+              report_only.value)
+    except Exception as e:  # noqa: BLE001 - as train.py: a multi-process run's failed collective
+      distributed.stop_if_lost_process(e)
+      raise
+    if distributed.is_main():
+      print(open(os.path.join(workdir.value, "results.md")).read())
 
   app.run(main)
 

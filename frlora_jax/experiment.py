@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, interrupts,
-                        lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log, weights,
-                        workloads)
+from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, distributed, interrupts,
+                        lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log,
+                        weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -171,6 +171,8 @@ def _assemble(config, model, data) -> Experiment:
   client_bar = run_log.ClientBar()
   local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
+  if distributed.active():  # clients are spread over every process's devices
+    shard = True
   evaluate_model, predict = workload.make_evaluator(config, model, data, apply_fn, lora_lib.scale(config.lora))
   base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
   fingerprint, server = checkpoint.fingerprint(base), initial_server(config, base, head, algorithm)
@@ -180,7 +182,8 @@ def _assemble(config, model, data) -> Experiment:
       initial_server=server, base_fingerprint=fingerprint,
       train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
                                             steps=config.fl.local_steps,
-                                            rows_per_step=config.optim.grad_accum * config.optim.batch_size),
+                                            rows_per_step=config.optim.grad_accum * config.optim.batch_size,
+                                            on_device=not distributed.active()),
       train_clients=client.make_executor(config.fl.executor, local_update, chunk, shard=shard),
       evaluate_model=evaluate_model, predict=predict, client_bar=client_bar)
 
@@ -313,13 +316,17 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
   """Client phase of a round: sample, start every client from the server, train locally."""
   config = exp.config
   ids = sample_clients(config, exp.num_clients, round_index)
-  inputs, client_states = start_round(state, jnp.asarray(ids, jnp.int32), jnp.int32(round_index),
+  started = distributed.padded_ids(ids) if distributed.active() else ids
+  inputs, client_states = start_round(state, jnp.asarray(started, jnp.int32), jnp.int32(round_index),
                                       jnp.int32(config.fl.rounds), exp.train_batches.counts, algorithm=exp.algorithm,
                                       plan=RoundPlan.from_config(config))
   upcoming = round_index + 1
   next_round = (upcoming, sample_clients(config, exp.num_clients, upcoming)) if upcoming < config.fl.rounds else None
-  inputs = inputs.replace(batches=exp.train_batches.for_round(round_index, ids, next_round))
-  out = exp.train_clients({"base": state.server.base}, inputs)
+  if distributed.active():
+    out, client_states = _train_over_processes(exp, state, inputs, client_states, ids, round_index, next_round)
+  else:
+    inputs = inputs.replace(batches=exp.train_batches.for_round(round_index, ids, next_round))
+    out = exp.train_clients({"base": state.server.base}, inputs)
   finite = np.asarray(out.finite)
   if not finite.all():
     raise NonFiniteError(f"Round {round_index + 1}: non-finite loss or update from client(s) "
@@ -327,6 +334,19 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
                          f"Lower config.optim.lr or check the data.")
   weights = jnp.asarray(client_weights(config.fl.weighting, exp.client_counts[ids]))
   return LocalUpdates(ids, out, weights, client_states)
+
+
+def _train_over_processes(exp: Experiment, state: RunState, inputs: client.ClientInput, client_states,
+                          ids: np.ndarray, round_index: int, next_round):
+  """The client phase of a multi-process run (distributed.py): inputs for the padded clients, each process
+  feeding its own block's batches; back come the real clients' outputs and states, replicated."""
+  padded = distributed.padded_ids(ids)
+  upcoming = None if next_round is None else (next_round[0],
+                                              distributed.local_block(distributed.padded_ids(next_round[1])))
+  batches = exp.train_batches.for_round(round_index, distributed.local_block(padded), upcoming)
+  inputs = distributed.over_clients(inputs).replace(batches=distributed.feed_local(batches, len(padded)))
+  out = exp.train_clients({"base": state.server.base}, inputs)
+  return distributed.first_clients((out, client_states), len(ids))
 
 
 def server_update(exp: Experiment, state: RunState, updates: LocalUpdates, in_place: bool = False) -> RunState:
@@ -412,10 +432,14 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
   exp = _assemble(config, model, None)
-  state, history = ckpt.restore_latest(exp.init_state(), exp.base_fingerprint)
+  template = exp.init_state()
+  if distributed.active():  # the server state is replicated over every process's devices
+    template = distributed.replicate(template)
+  state, history = ckpt.restore_latest(template, exp.base_fingerprint)
+  del template
   exp = dataclasses.replace(exp, initial_server=None)  # the run's state owns the base from here on
   start = int(state.round)
-  log = run_log.RunLog(workdir, config, history)
+  log = run_log.RunLog(workdir, config, history, write=distributed.is_main())
   comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
                              config.fl.clients_per_round or exp.num_clients)
   accountant = privacy.accountant(exp.config, exp.client_counts, exp.config.dp.noise_multiplier)

@@ -37,21 +37,25 @@ def draw_rows(round_index, ids, indices, counts, *, seed: int, steps: int, rows_
 class RoundBatches:
   """Host-side train columns and client partition; `for_round` gives a round's device batches."""
 
-  def __init__(self, columns: dict, client_indices: list, *, seed: int, steps: int, rows_per_step: int):
+  def __init__(self, columns: dict, client_indices: list, *, seed: int, steps: int, rows_per_step: int,
+               on_device: bool = True):
+    """on_device=False: `for_round` gives host arrays (a multi-process run feeds them to the global mesh)."""
     self.columns = {name: np.asarray(column) for name, column in columns.items()}
-    indices, counts = partition.pack(client_indices)
-    self.indices, self.counts = jnp.asarray(indices), jnp.asarray(counts)  # [K, max_n] int32: small
+    indices, self.counts = partition.pack(client_indices)  # counts: [K] int32 on the host
+    self.indices, self._device_counts = jnp.asarray(indices), jnp.asarray(self.counts)  # [K, max_n] int32: small
+    self.on_device = on_device
     self.seed, self.steps, self.rows_per_step = seed, steps, rows_per_step
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._pending: Optional[tuple] = None  # (round_index, ids, future)
 
   def rows(self, round_index: int, ids: np.ndarray) -> np.ndarray:
-    return np.asarray(draw_rows(jnp.int32(round_index), jnp.asarray(ids, jnp.int32), self.indices, self.counts,
+    return np.asarray(draw_rows(jnp.int32(round_index), jnp.asarray(ids, jnp.int32), self.indices, self._device_counts,
                                 seed=self.seed, steps=self.steps, rows_per_step=self.rows_per_step))
 
   def _build(self, round_index: int, ids: np.ndarray) -> dict:
     rows = self.rows(round_index, ids)
-    return {name: jax.device_put(column[rows]) for name, column in self.columns.items()}
+    place = jax.device_put if self.on_device else (lambda x: x)
+    return {name: place(column[rows]) for name, column in self.columns.items()}
 
   def for_round(self, round_index: int, ids: np.ndarray, next_round: Optional[tuple] = None) -> dict:
     """The round's batches {column: [clients, steps, rows, ...]} on the device; starts preparing

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import types
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -93,15 +94,20 @@ class ClientBar:
 
 
 class RunLog:
-  def __init__(self, workdir: str, config, history: list[dict]):
-    """history: the records of the rounds already done (from the checkpoint)."""
-    self.workdir = workdir
+  def __init__(self, workdir: str, config, history: list[dict], write: bool = True):
+    """history: the records of the rounds already done (from the checkpoint).
+
+    write=False: a multi-process run's other processes, which log nothing (process 0 does).
+    """
+    self.workdir, self.writes = workdir, write
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.file = None
+    self.tensorboard = None
+    if not write:
+      return
     resume_from = history[-1]["round"] if history else 0
     write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    self.file = None
     self.rewrite(history)
-    self.tensorboard = None
     try:
       from tensorboardX import SummaryWriter
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_from + 1)
@@ -110,15 +116,21 @@ class RunLog:
 
   def rewrite(self, records: list[dict]) -> None:
     """Replace metrics.jsonl by `records` (atomically) and keep appending after them."""
+    if not self.writes:
+      return
     if self.file is not None and not self.file.closed:
       self.file.close()
     write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     self.file = open(self.metrics_path, "a")
 
   def progress(self, start: int, total: int):
+    if not self.writes:
+      return contextlib.nullcontext(types.SimpleNamespace(update=lambda *args: None))
     return contextlib.closing(Progress(start, total))
 
   def write(self, record: dict) -> None:
+    if not self.writes:
+      return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     os.fsync(self.file.fileno())
@@ -131,7 +143,7 @@ class RunLog:
         self.tensorboard.add_scalar(f"eval/{name}", value, step)
 
   def close(self) -> None:
-    if not self.file.closed:
+    if self.file is not None and not self.file.closed:
       self.file.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
@@ -139,6 +151,8 @@ class RunLog:
 
   def finish(self) -> None:
     """Draw curves.png from the whole metrics.jsonl."""
+    if not self.writes:
+      return
     from frlora_jax import plots
     records = read_metrics(self.metrics_path)
     if any("eval" in r for r in records):
