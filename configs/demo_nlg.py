@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.fl.partition, c.fl.natural_field, c.fl.num_clients = "natural", "group", 16
   c.fl.clients_per_round, c.fl.rounds, c.fl.local_steps = 4, 5, 4
   c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.targets = 16, 32.0, 0.05, recipes.LLAMA_TARGETS
-  c.optim.lr, c.optim.batch_size = 5e-4, 4
-  c.eval_before_training, c.eval_every, c.eval_batch_size, c.checkpoint_every = True, 5, 16, 5
+  c.optim.lr, c.optim.batch_size, c.optim.grad_accum = 5e-4, 2, 2  # steps of 4 rows as 2 micro-batches of 2
+  c.model.remat = "block"                # with the micro-batches: the round's activations fit a small host
+  c.eval_before_training, c.eval_every, c.eval_batch_size, c.checkpoint_every = True, 5, 8, 5
   return c

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, distributed, interrupts,
-                        lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log,
+                        host_memory, lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log,
                         weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
@@ -177,6 +177,7 @@ def _assemble(config, model, data) -> Experiment:
   base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
   fingerprint, server = checkpoint.fingerprint(base), initial_server(config, base, head, algorithm)
   del base, head  # from here only the initial server (FRLoRA: residual base) holds the weights
+  host_memory.release()  # the loader's freed heap, before compilation stacks on top of it
   return Experiment(
       config=config, data=data, model=dataclasses.replace(model, params=None), algorithm=algorithm,
       initial_server=server, base_fingerprint=fingerprint,
@@ -446,6 +447,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
   records, logged = [], state
   if config.eval_before_training and start == 0 and not history:
     record = {"round": 0, "algorithm": exp.algorithm.name, "eval": evaluate(exp, state.server), "clients": []}
+    host_memory.release()
     history.append(record)
     log.write(record)
     records.append(record)
@@ -476,6 +478,8 @@ def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict
           progress.update(record, exp.data.metric)
           records.append(record)
           ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
+          if r == start:
+            host_memory.release()  # what compiling the round's programs freed
   except KeyboardInterrupt:
     # Save the last complete round, and make metrics.jsonl say exactly what it holds
     # (the interrupt may have landed between the two writes, or inside one).

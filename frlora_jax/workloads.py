@@ -95,10 +95,7 @@ def chunked_response_loss(outputs, batch, chunk: int):
   hidden, kernel = outputs
   targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
   hidden = hidden[:, :-1]
-  length = hidden.shape[1]
-  pad = (-length) % chunk
-  chunks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
-      (x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+  chunks = functools.partial(_sequence_chunks, chunk=chunk)
 
   @jax.checkpoint
   def chunk_sum(h, t, m):
@@ -107,6 +104,28 @@ def chunked_response_loss(outputs, batch, chunk: int):
 
   sums = jax.lax.map(lambda xs: chunk_sum(*xs), (chunks(hidden), chunks(targets), chunks(mask)))
   return sums.sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _sequence_chunks(x, chunk: int):
+  """[B, L, ...] -> [L / chunk, B, chunk, ...], zero-padded to whole chunks."""
+  pad = (-x.shape[1]) % chunk
+  padded = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(padded.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+
+
+def chunked_token_sums(outputs, batch, chunk: int):
+  """Per row: (sum of response-token cross-entropies, response tokens), from (last hidden state, output kernel)
+  `chunk` positions at a time, so evaluation never holds [B, L, V] float32 logits either."""
+  hidden, kernel = outputs
+  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+  def chunk_sums(xs):
+    h, t, m = xs
+    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum(-1)
+
+  sums = jax.lax.map(chunk_sums, tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask)))
+  return sums.sum(0), mask.sum(-1)
 
 
 def response_loss(logits, batch):
@@ -126,12 +145,18 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
   eos_id = model.tokenizer.eos_token_id if model.tokenizer is not None else model.hf_config.eos_token_id
   generate = generation.make_generate(model, scale, config.data.max_new_tokens, eos_id, pad_id)
 
+  chunk = lean_logits_chunk(config)
+  lean = bool(chunk)
+  forward = causal_lm.make_hidden_apply(model) if lean else apply_fn
+
   @jax.jit
   def losses(base, lora, head, batch):
     params = lora_lib.join_trees(base, head)
     with lora_lib.interceptor(lora, scale):
-      logits = apply_fn(params, batch, None, deterministic=True)
-    ce, mask = token_losses(logits, batch)
+      outputs = forward(params, batch, None, deterministic=True)
+    if lean:
+      return chunked_token_sums(outputs, batch, chunk)
+    ce, mask = token_losses(outputs, batch)
     return (ce * mask).sum(-1), mask.sum(-1)
 
   def evaluate(base, lora, head) -> dict:
@@ -166,10 +191,18 @@ def response_tokens(batch):
   return batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
 
 
+def lean_logits_chunk(config) -> int:
+  """Positions per logits chunk (model.logits_chunk), or 0 for full logits: off when LoRA targets the output
+  layer itself, which the lean loss computes from the last hidden state without it."""
+  if any(re.search(p, "lm_head") for p in config.lora.targets):
+    return 0
+  return config.model.logits_chunk
+
+
 def _lm_training(model, config):
   """The lean chunked loss, unless model.logits_chunk is 0 or LoRA targets the output layer itself."""
-  chunk = config.model.logits_chunk
-  if not chunk or any(re.search(p, "lm_head") for p in config.lora.targets):
+  chunk = lean_logits_chunk(config)
+  if not chunk:
     return causal_lm.make_apply(model), response_loss
   return causal_lm.make_hidden_apply(model), functools.partial(chunked_response_loss, chunk=chunk)
 

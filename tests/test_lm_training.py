@@ -114,6 +114,23 @@ def test_chunked_loss_equals_the_full_logits_loss(arch, chunk):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [5, 512])
+def test_chunked_eval_sums_equal_the_full_logits_ones(chunk):
+  """Evaluation's per-row response cross-entropy sums and token counts, from (hidden, kernel) in chunks."""
+  from frlora_jax import causal_lm, lora, workloads
+  model = causal_lm.random_causal_lm("llama", hidden=32, layers=2, heads=4, vocab=300, max_positions=64,
+                                     initializer_range=0.2)
+  rng = np.random.default_rng(1)
+  ids = rng.integers(0, 300, size=(3, 23)).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "loss_mask": (rng.random((3, 23)) < 0.6).astype(np.int32)}
+  base, _ = lora.split_tree(model.params, model.head_patterns)
+  sums, counts = workloads.chunked_token_sums(causal_lm.make_hidden_apply(model)(base, batch), batch, chunk)
+  ce, mask = workloads.token_losses(causal_lm.make_apply(model)(base, batch), batch)
+  np.testing.assert_allclose(np.asarray(sums), np.asarray((ce * mask).sum(-1)), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(counts), np.asarray(mask.sum(-1)))
+
+
 def test_chunked_loss_holds_no_full_logits():
   """In the compiled gradient, no buffer has the [batch, seq, vocab] float32 shape of full logits."""
   from frlora_jax import causal_lm, lora, workloads
