@@ -22,13 +22,18 @@ def test_in_place_server_step_equals_the_copying_one_and_consumes_the_old_state(
 
 
 def test_an_interrupt_is_held_until_the_block_ends():
+  # Python's own handler, as train.py installs it (a process started in the background inherits SIGINT ignored)
+  original = signal.signal(signal.SIGINT, signal.default_int_handler)
   finished = []
-  with pytest.raises(KeyboardInterrupt):
-    with interrupts.deferred("held"):
-      os.kill(os.getpid(), signal.SIGINT)
-      finished.append(True)  # still runs: the interrupt only lands after the block
-  assert finished == [True]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with interrupts.deferred("held"):
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)  # still runs: the interrupt only lands after the block
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+  finally:
+    signal.signal(signal.SIGINT, original)
 
 
 def test_no_interrupt_means_no_exception():

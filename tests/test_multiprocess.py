@@ -115,7 +115,8 @@ def test_a_killed_process_stops_the_other_and_the_rerun_resumes(tmp_path, tiny_m
   assert ("Another process most likely died" in output
           or "JAX distributed service detected fatal errors" in output), output[-3000:]
   assert waited < 60  # well within the 10 s heartbeat timeout x3 for shutdown
-  saved = max(int(step) for step in os.listdir(workdir / "checkpoints"))
+  # complete checkpoints only: a save the kill interrupted is left as <step>.orbax-checkpoint-tmp and ignored
+  saved = max(int(step) for step in os.listdir(workdir / "checkpoints") if step.isdigit())
   codes, outputs = _run_two(config_file, workdir, f"--config.fl.rounds={saved + 2}")
   assert codes == [0, 0], outputs
   assert f"round {saved + 1}/{saved + 2}" in outputs[0] and "round 1/" not in outputs[0]  # resumed, not restarted
