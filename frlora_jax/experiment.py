@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, distributed, interrupts,
-                        host_memory, lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng, round_data, run_log,
-                        weights, workloads)
+from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, distributed, host_memory,
+                        interrupts, lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng,
+                        round_data, run_log, weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
