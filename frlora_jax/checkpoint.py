@@ -141,9 +141,9 @@ class Checkpointer:
     """
     self.base_fingerprint = base_fingerprint
     failures = []
+    item = flax.serialization.to_state_dict(lean(template))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        item = flax.serialization.to_state_dict(lean(template))
         on_disk = set(ocp.StandardCheckpointHandler().metadata(
             epath.Path(self.directory) / str(step) / "state").keys())
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -123,8 +123,19 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
       loss = loss + regularizer(join_trainable(trained, frozen), client)
     return loss
 
+  def micro_batches(batch):
+    """[grad_accum * batch_size, ...] -> [grad_accum, batch_size, ...]"""
+    return jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, batch_size) + x.shape[1:]), batch)
+
+  def with_penalty(loss, grads, trained, frozen, client):
+    """The regularizer's value and gradient added (it reads only the parameters: no data)."""
+    if regularizer is None:
+      return loss, grads
+    penalty, penalty_grads = jax.value_and_grad(lambda t: regularizer(join_trainable(t, frozen), client))(trained)
+    return loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
+
   def accumulated_value_and_grad(trained, frozen, base, batch, rng, client):
-    micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, batch_size) + x.shape[1:]), batch)
+    micro = micro_batches(batch)
     units = jax.vmap(loss_units)(micro)
     shares = units / jnp.maximum(units.sum(), 1e-9)
 
@@ -135,15 +146,12 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trained))
     (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, (micro, jax.random.split(rng, grad_accum), shares))
-    if regularizer is not None:
-      penalty, penalty_grads = jax.value_and_grad(lambda t: regularizer(join_trainable(t, frozen), client))(trained)
-      loss, grads = loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
-    return loss, grads
+    return with_penalty(loss, grads, trained, frozen, client)
 
   def private_value_and_grad(trained, frozen, base, batch, rng, client):
     clip_norm, noise_multiplier = dp_sample
     rows = grad_accum * batch_size
-    micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, batch_size) + x.shape[1:]), batch)
+    micro = micro_batches(batch)
 
     def one_example(example, key):
       loss, grads = jax.value_and_grad(batch_loss)(trained, frozen, base,
@@ -160,11 +168,7 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
     (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, (micro, jax.random.split(k_examples, grad_accum)))
     noise = privacy.gaussian_like(grads, k_noise, noise_multiplier * clip_norm)
     grads = jax.tree_util.tree_map(lambda g, z, p: ((g + z) / rows).astype(p.dtype), grads, noise, trained)
-    loss = loss / rows
-    if regularizer is not None:  # data-independent (FedProx): no privacy cost
-      penalty, penalty_grads = jax.value_and_grad(lambda t: regularizer(join_trainable(t, frozen), client))(trained)
-      loss, grads = loss + penalty, jax.tree_util.tree_map(jnp.add, grads, penalty_grads)
-    return loss, grads
+    return with_penalty(loss / rows, grads, trained, frozen, client)  # no data in the penalty: no privacy cost
 
   if dp_sample is not None:
     grad_fn = private_value_and_grad

@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
                timeout_s: int = 100) -> bool:
@@ -133,13 +128,6 @@ def first_clients(tree, k: int):
   return jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x[:k], t), out_shardings=replicated_sharding())(tree)
 
 
-def sync(name: str) -> None:
-  """Every process reaches `name` before any goes on."""
-  if active():
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def stop_if_lost_process(error: Exception) -> None:
   """In a multi-process run, a failed collective means another process died: say so and stop now (jax's
   shutdown would otherwise wait out the heartbeat timeout and then abort). Checkpoints are atomic, so the
@@ -152,10 +140,3 @@ def stop_if_lost_process(error: Exception) -> None:
         f"same command on every process to resume from the last checkpoint.", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)
-
-
-def describe() -> Optional[str]:
-  if not active():
-    return None
-  return (f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local / "
-          f"{jax.device_count()} global devices")

@@ -244,16 +244,19 @@ def client_weights(weighting: str, counts: np.ndarray) -> np.ndarray:
   return w.astype(np.float32)
 
 
+def for_each_client(fn: Callable, server: ServerState, client_states, num: int):
+  """fn(server, client_state) stacked over `num` clients: stateless clients (None) all get the same tree."""
+  if client_states is None:
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num,) + x.shape), fn(server, None))
+  return jax.vmap(fn, in_axes=(None, 0))(server, client_states)
+
+
 @functools.partial(jax.jit, static_argnames=("algorithm", "plan"))
 def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algorithm: Algorithm, plan: RoundPlan):
   """The round's `ClientInput`s (start, key, schedule position) and the clients' states going in."""
   client_states = _take(state.client_states, ids)
-  if client_states is None:  # stateless clients all start from the same tree, with the same context
-    shared = (algorithm.client_start(state.server, None), algorithm.client_context(state.server, None))
-    starts, context = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), shared)
-  else:
-    starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, client_states)
-    context = jax.vmap(algorithm.client_context, in_axes=(None, 0))(state.server, client_states)
+  starts = for_each_client(algorithm.client_start, state.server, client_states, len(ids))
+  context = for_each_client(algorithm.client_context, state.server, client_states, len(ids))
   # Fresh AdamW each round (paper): the schedule spans rounds*local_steps and round r starts at
   # r*local_steps. Kept AdamW (published code): each client's own step count, and a schedule of
   # ceil(n_k / batch) * rounds steps.
@@ -264,8 +267,7 @@ def start_round(state: RunState, ids, round_index, total_rounds, counts, *, algo
     total = jnp.full(ids.shape, total_rounds * plan.local_steps)
   rank_mask = None
   if state.client_ranks is not None:  # clients of different ranks: each trains its first r_k components
-    max_rank = jax.tree_util.tree_leaves(state.server.lora)[0].shape[-1]
-    rank_mask = ranks_lib.masks(state.client_ranks[ids], max_rank)
+    rank_mask = ranks_lib.masks(state.client_ranks[ids], lora_lib.rank_of(state.server.lora))
     if algorithm.rank_heterogeneity == "truncate":
       starts = dict(starts, lora=jax.vmap(ranks_lib.mask_lora)(starts["lora"], rank_mask))
   inputs = client.ClientInput(
@@ -284,9 +286,7 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
   """
   trainables = outputs.trainable
   if dp is not None:
-    starts = jax.vmap(algorithm.client_start, in_axes=(None, 0))(state.server, client_states) \
-        if client_states is not None else jax.tree_util.tree_map(
-            lambda x: jnp.broadcast_to(x, (len(ids),) + x.shape), algorithm.client_start(state.server, None))
+    starts = for_each_client(algorithm.client_start, state.server, client_states, len(ids))
     trainables = privacy.privatize_updates(starts, trainables, rng.privacy_key(dp.seed, state.round), dp)
   server, new_client_states = algorithm.aggregate(state.server, trainables, weights, client_states)
   ranks = state.client_ranks

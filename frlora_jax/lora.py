@@ -157,6 +157,17 @@ def init_pissa(params, targets: dict[Path, tuple[int, int]], rank: int, scale: f
   return lora, add_to_kernels(params, map_targets(lambda entry: -delta(entry, scale), lora))
 
 
+def rank_of(lora) -> int:
+  """The (padded) LoRA rank of a tree: the width of its A factors."""
+  return next(iter(lora_entries(lora).values()))["a"].shape[1]
+
+
+def product_squared_norm(entry) -> jax.Array:
+  """||A B||_F^2 of one target as tr((A^T A)(B B^T)): two r x r products, no [in, out] matrix."""
+  a, b = entry["a"].astype(jnp.float32), entry["b"].astype(jnp.float32)
+  return jnp.sum((a.T @ a) * (b @ b.T))   # both factors symmetric
+
+
 def delta(entry, scale: float):
   return scale * entry["a"] @ entry["b"]
 

@@ -21,7 +21,7 @@ config.fl.client_ranks:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +99,3 @@ def mask_lora(lora, mask: jax.Array):
 def tail(lora, mask: jax.Array, keep: jax.Array):
   """Only the components kept by `mask` but not by `keep` (HetLoRA's prunable tail)."""
   return mask_lora(lora, mask * (1.0 - keep))
-
-
-def describe(ranks: Optional[Sequence[int]]) -> str:
-  if ranks is None:
-    return "homogeneous"
-  values, counts = np.unique(np.asarray(ranks), return_counts=True)
-  return ", ".join(f"{c} x r{v}" for v, c in zip(values, counts))

@@ -93,17 +93,23 @@ def chunked_response_loss(outputs, batch, chunk: int):
   [B, L, V] float32 logits (1 GB at 16 x 512 x 32000).
   """
   hidden, kernel = outputs
-  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
-  hidden = hidden[:, :-1]
-  chunks = functools.partial(_sequence_chunks, chunk=chunk)
-
-  @jax.checkpoint
-  def chunk_sum(h, t, m):
-    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)  # lm_head in the compute dtype
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum()
-
-  sums = jax.lax.map(lambda xs: chunk_sum(*xs), (chunks(hidden), chunks(targets), chunks(mask)))
+  mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  chunk_sum = jax.checkpoint(lambda xs: _masked_chunk_ce(kernel, *xs).sum())
+  sums = jax.lax.map(chunk_sum, _shifted_chunks(hidden, batch, chunk))
   return sums.sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _masked_chunk_ce(kernel, h, t, m):
+  """[B, chunk] cross-entropy of one chunk's next tokens t, times the response mask m (lm_head in the compute
+  dtype, logits in float32)."""
+  logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, t) * m
+
+
+def _shifted_chunks(hidden, batch, chunk: int):
+  """(hidden, next-token targets, response mask), each [L / chunk, B, chunk, ...]."""
+  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask))
 
 
 def _sequence_chunks(x, chunk: int):
@@ -117,15 +123,8 @@ def chunked_token_sums(outputs, batch, chunk: int):
   """Per row: (sum of response-token cross-entropies, response tokens), from (last hidden state, output kernel)
   `chunk` positions at a time, so evaluation never holds [B, L, V] float32 logits either."""
   hidden, kernel = outputs
-  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
-
-  def chunk_sums(xs):
-    h, t, m = xs
-    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum(-1)
-
-  sums = jax.lax.map(chunk_sums, tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask)))
-  return sums.sum(0), mask.sum(-1)
+  sums = jax.lax.map(lambda xs: _masked_chunk_ce(kernel, *xs).sum(-1), _shifted_chunks(hidden, batch, chunk))
+  return sums.sum(0), batch["loss_mask"][:, 1:].astype(jnp.float32).sum(-1)
 
 
 def response_loss(logits, batch):
@@ -146,15 +145,14 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
   generate = generation.make_generate(model, scale, config.data.max_new_tokens, eos_id, pad_id)
 
   chunk = lean_logits_chunk(config)
-  lean = bool(chunk)
-  forward = causal_lm.make_hidden_apply(model) if lean else apply_fn
+  forward = causal_lm.make_hidden_apply(model) if chunk else apply_fn
 
   @jax.jit
   def losses(base, lora, head, batch):
     params = lora_lib.join_trees(base, head)
     with lora_lib.interceptor(lora, scale):
       outputs = forward(params, batch, None, deterministic=True)
-    if lean:
+    if chunk:
       return chunked_token_sums(outputs, batch, chunk)
     ce, mask = token_losses(outputs, batch)
     return (ce * mask).sum(-1), mask.sum(-1)

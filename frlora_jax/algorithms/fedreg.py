@@ -4,8 +4,6 @@ The penalty is on the adapter's current update s A B of every target (the publis
 regularises ||s B A||^2 of the PyTorch factors, the same product). ||A B||_F^2 is computed as
 tr((A^T A)(B B^T)), two r x r products, so no [in, out] matrix is formed.
 """
-import jax.numpy as jnp
-
 from frlora_jax import lora as lora_lib
 from frlora_jax.algorithms.base import Algorithm
 from frlora_jax.algorithms.fedavg import fedavg
@@ -13,11 +11,7 @@ from frlora_jax.algorithms.fedavg import fedavg
 
 def update_norm_penalty(lora, lora_scale: float, mu: float):
   """mu/2 * sum over targets of ||s A B||_F^2."""
-  def squared_norm(entry):
-    a, b = entry["a"].astype(jnp.float32), entry["b"].astype(jnp.float32)
-    return jnp.sum((a.T @ a) * (b @ b.T))   # tr((A^T A)(B B^T)), both symmetric
-
-  return 0.5 * mu * lora_scale ** 2 * sum(lora_lib.map_targets(squared_norm, lora).values())
+  return 0.5 * mu * lora_scale ** 2 * sum(lora_lib.map_targets(lora_lib.product_squared_norm, lora).values())
 
 
 def fedreg(*, mu: float, lora_scale: float) -> Algorithm:

@@ -25,8 +25,7 @@ def stack_factors(a_k, b_k, weights):
 def fresh_lora(key, lora):
   """Kaiming A and zero B with the shapes of `lora`."""
   shapes = lora_lib.map_targets(lambda e: (e["a"].shape[0], e["b"].shape[1]), lora)
-  rank = next(iter(lora_lib.lora_entries(lora).values()))["a"].shape[1]
-  return lora_lib.init_kaiming(key, shapes, rank)
+  return lora_lib.init_kaiming(key, shapes, lora_lib.rank_of(lora))
 
 
 def flora(*, lora_scale: float) -> Algorithm:

@@ -19,11 +19,9 @@ from frlora_jax.algorithms.base import Algorithm, weighted_mean
 
 
 def update_norm(lora) -> jax.Array:
-  """S_k: sum over targets of ||A B||_F (the [in, out] product is never formed: ||A B||^2 = tr(A^T A B B^T))."""
-  def norm(entry):
-    a, b = entry["a"].astype(jnp.float32), entry["b"].astype(jnp.float32)
-    return jnp.sqrt(jnp.maximum(jnp.sum((a.T @ a) * (b @ b.T)), 0.0))
-  return sum(lora_lib.map_targets(norm, lora).values())
+  """S_k: sum over targets of ||A B||_F (from lora.product_squared_norm: no [in, out] product is formed)."""
+  return sum(lora_lib.map_targets(lambda e: jnp.sqrt(jnp.maximum(lora_lib.product_squared_norm(e), 0.0)),
+                                  lora).values())
 
 
 def pruned_rank(rank, gamma: float):
@@ -39,10 +37,6 @@ def tail_norm(lora, rank, gamma: float, max_rank: int) -> jax.Array:
 def _norm(x):
   """||x||_F with a zero (not NaN) gradient at x = 0, where every round-1 tail starts (B = 0)."""
   return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))) + 1e-30)
-
-
-def _max_rank(lora) -> int:
-  return next(iter(lora_lib.lora_entries(lora).values()))["a"].shape[1]
 
 
 def hetlora(*, prune_gamma: float = 1.0, prune_lambda: float = 0.0) -> Algorithm:
@@ -64,7 +58,7 @@ def hetlora(*, prune_gamma: float = 1.0, prune_lambda: float = 0.0) -> Algorithm
 
   def update_ranks(server, client_trainables, client_ranks):
     """The round's clients' ranks after self-pruning: shrink where the tail norm went down this round."""
-    max_rank = _max_rank(server.lora)
+    max_rank = lora_lib.rank_of(server.lora)
 
     def one(lora, rank):
       start = ranks_lib.mask_lora(server.lora, ranks_lib.masks(rank, max_rank))
