@@ -84,12 +84,15 @@ def fingerprint(params) -> str:
   return digest.hexdigest()
 
 
+def targeted_kernels(server):
+  """The base's LoRA-targeted kernels (all a run changes in it), nested like the base."""
+  return traverse_util.unflatten_dict({path + ("kernel",): lora_lib.get_kernel(server.base, path)
+                                       for path in lora_lib.lora_entries(server.lora)})
+
+
 def lean(state):
-  """`state` with the base reduced to its LoRA-targeted kernels (all a run changes in it)."""
-  targets = lora_lib.lora_entries(state.server.lora)
-  kernels = traverse_util.unflatten_dict({path + ("kernel",): lora_lib.get_kernel(state.server.base, path)
-                                          for path in targets})
-  return state.replace(server=state.server.replace(base=kernels))
+  """`state` with the base reduced to its LoRA-targeted kernels."""
+  return state.replace(server=state.server.replace(base=targeted_kernels(state.server)))
 
 
 def with_saved_kernels(base, saved_base):
@@ -187,11 +190,15 @@ class Checkpointer:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """A run's saved config; fields added to the project since it was written take their defaults
   (which keep the old behaviour, as `check_compatible` assumes)."""
-  from frlora_jax import defaults
   with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
+    return config_from_json(f.read())
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """A config from its JSON (`to_json_best_effort`), on top of the defaults of fields it lacks."""
+  from frlora_jax import defaults
   config = defaults.get_config().to_dict()
-  _merge(config, saved)
+  _merge(config, json.loads(text))
   return ml_collections.ConfigDict(config)
 
 

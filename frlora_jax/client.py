@@ -96,7 +96,7 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
                       freeze_a: bool, local_steps: int, batch_size: int, schedule: Callable, grad_accum: int = 1,
                       loss_units: Callable = examples_in, regularizer: Optional[Callable] = None,
                       grad_correction: Optional[Callable] = None, dp_sample: Optional[tuple[float, float]] = None,
-                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
+                      on_client_done: Optional[Callable[[], None]] = lambda: None) -> Callable:
   """Build `local_update(shared, client)` around `model_loss(trainable, base, batch, rng)` (make_model_loss).
 
   Each local step takes its grad_accum * batch_size rows (drawn on the host, round_data.py) and,
@@ -111,7 +111,9 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
   dp_sample=(clip_norm, noise_multiplier): DP-SGD (privacy.py): every example's gradient clipped,
   summed, Gaussian noise added, divided by the step's rows (examples weigh equally);
   on_client_done() is called on the host as each client finishes (progress bars). It is
-  always compiled in, so the program does not depend on whether anyone is watching.
+  compiled in whether or not anyone is watching, so the program does not depend on a terminal;
+  None leaves it out (Flower nodes: a program with a host callback is never served from JAX's
+  persistent compilation cache).
   """
 
   def batch_loss(trained, frozen, base, batch, rng):
@@ -201,7 +203,8 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
     (trained, opt_state), losses = jax.lax.scan(step, (trained, opt_state), (jnp.arange(local_steps), client.batches))
     trainable = join_trainable(trained, frozen)
     finite = jnp.all(jnp.isfinite(losses)) & all_finite(trainable)
-    jax.debug.callback(lambda _: on_client_done(), losses[-1])  # a per-client argument: one call per client under vmap
+    if on_client_done is not None:  # a per-client argument: one call per client under vmap
+      jax.debug.callback(lambda _: on_client_done(), losses[-1])
     return ClientOutput(trainable, opt_state if client.opt_state is not None else None, losses.mean(), finite)
 
   return local_update

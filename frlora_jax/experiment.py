@@ -69,6 +69,9 @@ class Experiment:
   evaluate_model: Callable        # (base, lora, head) -> metrics of that global model
   predict: Optional[Callable]     # classification: jitted (base, lora, head, batch) -> (predictions, losses)
   client_bar: run_log.ClientBar   # per-client progress in long rounds (inert off a terminal)
+  # Clients run elsewhere (Flower nodes, flower/server_app.py): (state, inputs, ids, round_index) -> stacked
+  # ClientOutput in place of `train_clients`; the inputs come without batches (the clients hold the data).
+  remote_clients: Optional[Callable] = None
 
   @property
   def num_clients(self) -> int:
@@ -93,7 +96,7 @@ def client_optimizer(config):
 
 
 def make_local_update(config, algorithm: Algorithm, model: models.Model, local_steps: int,
-                      on_client_done: Callable[[], None] = lambda: None) -> Callable:
+                      on_client_done: Optional[Callable[[], None]] = lambda: None) -> Callable:
   """One client's `local_update(shared, client_input)` under this config and algorithm."""
   _, freeze_a = algorithms.lora_settings(algorithm, config.lora)
   return client.make_local_update(
@@ -137,10 +140,14 @@ def initial_server(config, base, head, algorithm: Algorithm) -> ServerState:
   return algorithm.init(ServerState(base=base, lora=lora0, head=head), algorithm_key)
 
 
-def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.FederatedData] = None) -> Experiment:
-  """Check the config, load data and model (unless given), initialise; compile nothing yet."""
+def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.FederatedData] = None,
+          progress: bool = True) -> Experiment:
+  """Check the config, load data and model (unless given), initialise; compile nothing yet.
+
+  progress=False: no per-client progress callback in the compiled update (see client.make_local_update).
+  """
   config_checks.check(config)
-  return _assemble(config, model, data)
+  return _assemble(config, model, data, progress)
 
 
 def clients_per_chunk(config, model: Optional[models.Model]) -> int:
@@ -156,7 +163,7 @@ def clients_per_chunk(config, model: Optional[models.Model]) -> int:
   return plan.auto_clients_per_chunk(config, hf_config)
 
 
-def _assemble(config, model, data) -> Experiment:
+def _assemble(config, model, data, progress: bool = True) -> Experiment:
   workload = workloads.for_config(config)
   chunk = clients_per_chunk(config, model)
   if data is None:
@@ -169,7 +176,8 @@ def _assemble(config, model, data) -> Experiment:
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)
   client_bar = run_log.ClientBar()
-  local_update = make_local_update(config, algorithm, model, config.fl.local_steps, on_client_done=client_bar.tick)
+  local_update = make_local_update(config, algorithm, model, config.fl.local_steps,
+                                   on_client_done=client_bar.tick if progress else None)
   shard = None if config.fl.shard_clients == "auto" else config.fl.shard_clients == "on"
   if distributed.active():  # clients are spread over every process's devices
     shard = True
@@ -284,10 +292,7 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
 
   dp: client-level DP (DP-FedAvg): the server sees clipped, noised updates (privacy.py).
   """
-  trainables = outputs.trainable
-  if dp is not None:
-    starts = for_each_client(algorithm.client_start, state.server, client_states, len(ids))
-    trainables = privacy.privatize_updates(starts, trainables, rng.privacy_key(dp.seed, state.round), dp)
+  trainables = aggregated_trainables(state, outputs.trainable, client_states, algorithm=algorithm, dp=dp)
   server, new_client_states = algorithm.aggregate(state.server, trainables, weights, client_states)
   ranks = state.client_ranks
   if ranks is not None and algorithm.update_ranks is not None:
@@ -296,6 +301,16 @@ def finish_round(state: RunState, outputs: client.ClientOutput, ids, weights, cl
                        client_opt=_put(state.client_opt, ids, outputs.opt_state),
                        client_states=_put(state.client_states, ids, new_client_states), client_ranks=ranks)
   return new_state, client.all_finite(server)
+
+
+def aggregated_trainables(state: RunState, trainables, client_states, *, algorithm: Algorithm,
+                          dp: Optional[privacy.ClientLevel]):
+  """What the server step aggregates: the clients' trees, clipped and noised under client-level DP."""
+  if dp is None:
+    return trainables
+  starts = for_each_client(algorithm.client_start, state.server, client_states, jax.tree_util.tree_leaves(
+      trainables)[0].shape[0])
+  return privacy.privatize_updates(starts, trainables, rng.privacy_key(dp.seed, state.round), dp)
 
 
 # The same step writing the new state into the old one's buffers: FRLoRA's base += s B A then
@@ -323,7 +338,9 @@ def local_updates(exp: Experiment, state: RunState, round_index: int) -> LocalUp
                                       plan=RoundPlan.from_config(config))
   upcoming = round_index + 1
   next_round = (upcoming, sample_clients(config, exp.num_clients, upcoming)) if upcoming < config.fl.rounds else None
-  if distributed.active():
+  if exp.remote_clients is not None:
+    out = exp.remote_clients(state, inputs, ids, round_index)
+  elif distributed.active():
     out, client_states = _train_over_processes(exp, state, inputs, client_states, ids, round_index, next_round)
   else:
     inputs = inputs.replace(batches=exp.train_batches.for_round(round_index, ids, next_round))
@@ -427,12 +444,18 @@ def is_eval_round(config, round_number: int) -> bool:
   return round_number % config.eval_every == 0 or round_number == config.fl.rounds
 
 
-def run(config, workdir: str, model: Optional[models.Model] = None) -> list[dict]:
-  """Run (or resume) an experiment in `workdir`; returns this invocation's round records."""
+def run(config, workdir: str, model: Optional[models.Model] = None,
+        remote_clients: Optional[Callable] = None) -> list[dict]:
+  """Run (or resume) an experiment in `workdir`; returns this invocation's round records.
+
+  remote_clients(exp) -> the experiment's `remote_clients` (clients trained elsewhere: Flower).
+  """
   config_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)  # refuses an incompatible resume before any work
   exp = _assemble(config, model, None)
+  if remote_clients is not None:
+    exp = dataclasses.replace(exp, remote_clients=remote_clients(exp))
   template = exp.init_state()
   if distributed.active():  # the server state is replicated over every process's devices
     template = distributed.replicate(template)
