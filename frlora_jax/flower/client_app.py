@@ -15,6 +15,7 @@ update compiled each round; JAX's persistent compilation cache in state-dir cuts
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,15 +61,18 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+  return Message(train_reply(msg.content, node_settings(context.node_config)), reply_to=msg)
+
+
+def train_reply(content: RecordDict, settings: dict) -> RecordDict:
+  """The reply to a round's message: the trained client's output and the node's timings."""
   t0 = time.time()
-  settings = node_settings(context.node_config)
-  meta = msg.content["round"]
   os.makedirs(settings["state-dir"], exist_ok=True)
   _use_compilation_cache(os.path.join(settings["state-dir"], "jax_cache"))
-  output, timing = local_round(msg.content, meta, settings)
+  output, timing = local_round(content, content["round"], settings)
   timing["node_seconds"] = time.time() - t0
   from frlora_jax.flower import wire
-  return Message(RecordDict({"output": wire.to_record(output), "timing": MetricRecord(timing)}), reply_to=msg)
+  return RecordDict({"output": wire.to_record(output), "timing": MetricRecord(timing)})
 
 
 def _use_compilation_cache(path: str) -> None:
@@ -83,15 +87,14 @@ def local_round(content: RecordDict, meta: ConfigRecord, settings: dict):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from frlora_jax import checkpoint, client, experiment
+  from frlora_jax import client, experiment
   from frlora_jax.flower import sync, wire
 
   round_index, client_id, version = int(meta["round"]), int(meta["client"]), int(meta["version"])
   if round_index == settings["crash-in-round"]:
     raise RuntimeError(f"crash-in-round={round_index}: this node was told to fail here (fault injection).")
-  config = checkpoint.config_from_json(str(meta["config"]))
   t0 = time.time()
-  exp = experiment.build(config, progress=False)  # cacheable: no host callback in the update
+  exp = built(str(meta["config"]))
   check_partition(settings, exp.num_clients)
   if client_id != settings["partition-id"]:
     raise ValueError(f"The server sent client {client_id}'s round to the node with partition-id="
@@ -123,6 +126,13 @@ def local_round(content: RecordDict, meta: ConfigRecord, settings: dict):
   output = jax.block_until_ready(exp.train_clients({"base": base}, stacked))
   timing["train_seconds"] = time.time() - t2
   return client.take(output, 0), timing
+
+
+@functools.lru_cache(maxsize=1)
+def built(config_json: str):
+  """The node's experiment (data, model, jitted update) for a config; kept while the process lives."""
+  from frlora_jax import checkpoint, experiment
+  return experiment.build(checkpoint.config_from_json(config_json), progress=False)  # no host callback: cacheable
 
 
 def up_to_date_replica(content: RecordDict, meta: ConfigRecord, settings: dict, exp, version: int):

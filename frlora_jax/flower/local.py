@@ -105,8 +105,9 @@ def wait_for_port(port: int, process: subprocess.Popen, log: str, timeout: float
 class Deployment:
   """A SuperLink and SuperNodes on 127.0.0.1, stopped on exit (context manager)."""
 
-  def __init__(self, root: str, supernodes: int):
-    self.root, self.supernodes = root, supernodes
+  def __init__(self, root: str, supernodes: int, extra_node_config: dict[int, str] | None = None):
+    """extra_node_config: {partition: "key=value ..."} added to that SuperNode's --node-config."""
+    self.root, self.supernodes, self.extra_node_config = root, supernodes, extra_node_config or {}
     self.home = os.path.join(root, "home")
     self.env = flower_env(self.home)
     self.processes: list[subprocess.Popen] = []
@@ -140,7 +141,8 @@ class Deployment:
       self._start(f"supernode-{k}", [
           os.path.join(bin_dir, "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
           "--port", str(free_port()),
-          "--node-config", f'partition-id={k} num-partitions={self.supernodes} state-dir="{state_dir}"'])
+          "--node-config", f'partition-id={k} num-partitions={self.supernodes} state-dir="{state_dir}" '
+          + self.extra_node_config.get(k, "")])
 
   def run_app(self, app_dir: str) -> int:
     """`flwr run` of the app on this deployment, its output streamed to ours; its exit code."""
@@ -177,6 +179,18 @@ def main(argv) -> None:
                        f"--supernodes={config.fl.num_clients}.")
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+  app_dir = prepare(config, workdir, _TIMEOUT.value)
+  with Deployment(os.path.join(workdir, "flower"), _SUPERNODES.value) as deployment:
+    code = deployment.run_app(app_dir)
+  try:
+    check_outcome(workdir, code)
+  except RuntimeError as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"done: Flower run completed; outputs in {workdir}")
+
+
+def prepare(config, workdir: str, timeout: int) -> str:
+  """Write the run's config (JSON) and app under workdir/flower; returns the app folder for `flwr run`."""
   root = os.path.join(workdir, "flower")
   os.makedirs(root, exist_ok=True)
   config_json = os.path.join(root, "config.json")
@@ -185,18 +199,19 @@ def main(argv) -> None:
   status = os.path.join(root, "status.json")
   if os.path.exists(status):
     os.remove(status)
-  app_dir = write_app(os.path.join(root, "app"), config_json, workdir, _TIMEOUT.value)
   shutil.rmtree(os.path.join(root, "home", "apps"), ignore_errors=True)
-  with Deployment(root, _SUPERNODES.value) as deployment:
-    code = deployment.run_app(app_dir)
-  outcome = {}
+  return write_app(os.path.join(root, "app"), config_json, workdir, timeout)
+
+
+def check_outcome(workdir: str, code: int) -> None:
+  """Raise RuntimeError with the ServerApp's own error unless the run completed."""
+  status, outcome = os.path.join(workdir, "flower", "status.json"), {}
   if os.path.exists(status):
     with open(status) as f:
       outcome = json.load(f)
   if code != 0 or outcome.get("status") != "completed":
-    reason = outcome.get("error", f"flwr run exited with {code}; see {os.path.join(root, 'logs')}")
-    raise SystemExit(f"error: the Flower run failed: {reason}")
-  print(f"done: Flower run completed; outputs in {workdir}")
+    reason = outcome.get("error", f"flwr run exited with {code}; see {os.path.join(workdir, 'flower', 'logs')}")
+    raise RuntimeError(f"the Flower run failed: {reason}")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def main(grid: Grid, context: Context) -> None:
   try:
     with open(str(settings["config-json"])) as f:
       config = checkpoint.config_from_json(f.read())
-    experiment.run(config, workdir, remote_clients=lambda exp: FlowerClients(exp, grid, float(settings["timeout"]),
-                                                                         workdir))
+    timeout = float(settings["timeout"])
+    experiment.run(config, workdir, remote_clients=lambda exp: FlowerClients(
+        exp, GridExchange(grid, timeout), partitions(grid, exp.num_clients, timeout), workdir))
   except BaseException as e:
     _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()})
@@ -50,14 +51,17 @@ def _write_status(path: str, status: dict) -> None:
 
 
 class FlowerClients:
-  """The client phase of a round over Flower nodes (an `Experiment.remote_clients`)."""
+  """The client phase of a round over Flower nodes (an `Experiment.remote_clients`).
 
-  def __init__(self, exp, grid: Grid, timeout: float, workdir: str):
+  exchange(round_index, [(client id, node id, content)]) -> the replies' contents in that order
+  (GridExchange over Flower; tests pass the nodes' handler directly); node_of: {client id: node id}.
+  """
+
+  def __init__(self, exp, exchange, node_of: dict[int, int], workdir: str):
     from frlora_jax.flower import sync
-    self.exp, self.grid, self.timeout, self.workdir = exp, grid, timeout, workdir
+    self.exp, self.exchange, self.node_of, self.workdir = exp, exchange, node_of, workdir
     self.config_json = exp.config.to_json_best_effort()
     self.replaying = sync.replays(exp.algorithm, exp.initial_server)
-    self.node_of = partitions(grid, exp.num_clients, timeout)
     self.broadcasts: dict[int, dict] = {}      # round index -> that round's broadcast (replay mode)
     self.node_version: dict[int, int] = {}     # node id -> rounds its replica has applied (as sent)
     self.first_round: int | None = None
@@ -74,7 +78,7 @@ class FlowerClients:
       self.first_round = version
     sent = inputs.replace(start=None) if self.replaying else inputs
     checksum = sync.checksum(sync.lean(state.server, exp.algorithm)) if self.replaying else 0.0
-    messages, down_arrays, down_messages = [], [], []
+    requests, down_arrays, down_messages = [], [], []
     for i, k in enumerate(np.asarray(ids).tolist()):
       trees = {"input": client.take(sent, i)}
       if self.replaying:
@@ -84,14 +88,13 @@ class FlowerClients:
                                        "config": self.config_json})
       down_arrays.append(sum(wire.nbytes(tree) for tree in trees.values()))
       down_messages.append(sum(record.count_bytes() for record in content.values()))
-      messages.append(Message(content, dst_node_id=self.node_of[k], message_type="train",
-                              group_id=str(round_index + 1)))
-    replies = self._send(messages, ids, round_index)
+      requests.append((k, self.node_of[k], content))
+    replies = self.exchange(round_index, requests)
     like = client.ClientOutput(trainable=client.take(inputs.start, 0), opt_state=client.take(inputs.opt_state, 0)
                                if inputs.opt_state is not None else None,
                                loss=np.zeros((), np.float32), finite=np.zeros((), bool))
-    outputs = [wire.from_record(reply.content["output"], like) for reply in replies]
-    up_messages = [sum(record.count_bytes() for record in reply.content.values()) for reply in replies]
+    outputs = [wire.from_record(reply["output"], like) for reply in replies]
+    up_messages = [sum(record.count_bytes() for record in reply.values()) for reply in replies]
     output = jax.tree_util.tree_map(lambda *xs: jax.numpy.asarray(np.stack(xs)), *outputs)
     if self.replaying:
       for i, k in enumerate(np.asarray(ids).tolist()):
@@ -101,7 +104,7 @@ class FlowerClients:
                                            dp=privacy.client_level(exp.config))
       self.broadcasts[version] = jax.device_get({"trainables": trainables, "weights": weights})
       self._forget_old_broadcasts()
-    timings = [{k: float(v) for k, v in reply.content["timing"].items()} for reply in replies]
+    timings = [{k: float(v) for k, v in reply["timing"].items()} for reply in replies]
     self.last_round = {"round": round_index + 1, "clients": np.asarray(ids).tolist(),
                        "download_array_bytes": down_arrays, "download_message_bytes": down_messages,
                        "upload_array_bytes": [wire.nbytes(out) for out in outputs], "upload_message_bytes": up_messages,
@@ -123,20 +126,29 @@ class FlowerClients:
     for r in [r for r in self.broadcasts if r < oldest]:
       del self.broadcasts[r]
 
-  def _send(self, messages: list, ids, round_index: int) -> list:
-    """The replies in `ids` order; a failed or silent client stops the run with its node id."""
-    replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-    by_node = {reply.metadata.src_node_id: reply for reply in replies}
+
+
+class GridExchange:
+  """A round's requests as Flower messages over the Grid; a failed or silent client stops the run with its
+  node id (the round is not committed: the last checkpoint is kept)."""
+
+  def __init__(self, grid: Grid, timeout: float):
+    self.grid, self.timeout = grid, timeout
+
+  def __call__(self, round_index: int, requests: list) -> list:
+    messages = [Message(content, dst_node_id=node, message_type="train", group_id=str(round_index + 1))
+                for _, node, content in requests]
+    by_node = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages,
+                                                                                         timeout=self.timeout)}
     ordered, problems = [], []
-    for k in [int(k) for k in ids]:
-      node = self.node_of[k]
+    for k, node, _ in requests:
       reply = by_node.get(node)
       if reply is None:
         problems.append(f"client {k} (node {node}) sent no reply within {self.timeout:.0f} s")
       elif reply.has_error():
         problems.append(f"client {k} (node {node}) failed: {reply.error.reason}")
       else:
-        ordered.append(reply)
+        ordered.append(reply.content)
     if problems:
       raise RuntimeError(f"Round {round_index + 1}: " + "; ".join(problems) + ". The run stopped; the last "
                          "checkpoint is kept and rerunning resumes from it.")
@@ -157,14 +169,21 @@ def partitions(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
                        f"config.fl.num_clients={num_clients} clients, one per SuperNode.")
   queries = [Message(RecordDict({"query": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
                      message_type="query") for node in nodes]
-  node_of, problems = {}, []
+  answers, problems = {}, []
   for reply in grid.send_and_receive(queries, timeout=timeout):
     node = reply.metadata.src_node_id
     if reply.has_error():
       problems.append(f"node {node}: {reply.error.reason}")
-      continue
-    settings = reply.content["node"]
-    partition, count = int(settings["partition-id"]), int(settings["num-partitions"])
+    else:
+      answers[node] = (int(reply.content["node"]["partition-id"]), int(reply.content["node"]["num-partitions"]))
+  return match_partitions(answers, num_clients, problems)
+
+
+def match_partitions(answers: dict[int, tuple[int, int]], num_clients: int, problems: list | None = None):
+  """{client id: node id} from each node's (partition-id, num-partitions); any mismatch is one error naming
+  the nodes and the node-config to use."""
+  node_of, problems = {}, list(problems or [])
+  for node, (partition, count) in sorted(answers.items()):
     if not 0 <= partition < num_clients or count not in (-1, num_clients):
       problems.append(f"node {node} has node-config partition-id={partition} num-partitions={count}, but this "
                       f"config has clients 0 .. {num_clients - 1} (config.fl.num_clients={num_clients})")
