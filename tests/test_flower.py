@@ -48,8 +48,7 @@ def _in_process_exchange(root, num_clients):
 def test_protocol_matches_simulation(tmp_path, make_config, algorithm):
   """FLoRA (stacked broadcast, base merged on the nodes' replicas) and SCAFFOLD (server-held client states):
   with 2 of 3 clients per round, a node that sat a round out catches up from the broadcasts it missed."""
-  config = make_config(rounds=3)
-  config.fl.algorithm, config.fl.clients_per_round = algorithm, 2
+  config = make_config(**{"fl.rounds": 3, "fl.algorithm": algorithm, "fl.clients_per_round": 2})
   experiment.run(config, str(tmp_path / "sim"))
   experiment.run(config, str(tmp_path / "fl"), remote_clients=lambda exp: server_app.FlowerClients(
       exp, _in_process_exchange(str(tmp_path), exp.num_clients), {k: 100 + k for k in range(exp.num_clients)},
@@ -63,6 +62,10 @@ def test_protocol_matches_simulation(tmp_path, make_config, algorithm):
   assert all(up == trained + 5 for r in wire for up in r["upload_array_bytes"])
   if algorithm == "scaffold":  # start, control correction and 16 bytes of key and schedule position
     assert all(down == comm["download_per_client"] + 16 for r in wire for down in r["download_array_bytes"])
+  else:  # key and schedule position, then the broadcast of each round the node has not seen (2 clients' factors)
+    broadcast = 2 * comm["upload_per_client"] + 8
+    missed = [(down - 16) / broadcast for r in wire[1:] for down in r["download_array_bytes"]]
+    assert all(m in (1, 2) for m in missed) and 2 in missed, missed
 
 
 def test_partitions_must_match_the_config():

@@ -26,4 +26,6 @@ def fedex_lora(*, lora_scale: float) -> Algorithm:
     server = with_trainable(server, averaged)
     return server.replace(base=lora_lib.add_to_kernels(server.base, residuals)), client_states
 
-  return Algorithm(name="fedex_lora", aggregate=aggregate, updates_base=True)
+  # Clients fold the same residual into their own frozen weights: they need every sampled client's
+  # factors (or the full-size residual itself), not only the averages.
+  return Algorithm(name="fedex_lora", aggregate=aggregate, updates_base=True, downloads=("lora_stacked", "head"))

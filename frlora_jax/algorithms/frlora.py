@@ -38,6 +38,8 @@ def frlora(*, lora_scale: float, aggregation: str) -> Algorithm:
     return server.replace(base=lora_lib.add_to_kernels(server.base, updates),
                           head=weighted_mean(client_trainables["head"], weights)), client_states
 
+  # Clients fold the round's update into their residual: the averaged factors suffice for `factors`;
+  # `product` needs every sampled client's factors.
   return Algorithm(name="frlora", lora_init="pissa", aggregate=aggregate, updates_base=True,
-                   rank_heterogeneity="freeze",
-                   mean_based=aggregation == "factors")
+                   rank_heterogeneity="freeze", mean_based=aggregation == "factors",
+                   downloads=("lora", "head") if aggregation == "factors" else ("lora_stacked", "head"))

@@ -5,6 +5,7 @@ Node config (flower-supernode --node-config "..."):
 - num-partitions: config.fl.num_clients (checked, so a node started for another config is named);
 - state-dir: where the node keeps its replica of the global model between rounds (sync.py) and
   JAX's compilation cache; default ~/.cache/frlora_jax/flower/node-<partition-id>;
+- compilation-cache: false turns JAX's persistent compilation cache off (on by default);
 - crash-in-round: fault injection for tests of the server's failure handling (0-based round; -1 off).
 
 Each message brings the config (JSON), the round's client inputs and the broadcasts the node
@@ -36,7 +37,8 @@ def node_settings(node_config) -> dict:
                      "this node plays, 0 .. config.fl.num_clients - 1.")
   partition = int(node_config["partition-id"])
   settings = {"partition-id": partition, "num-partitions": int(node_config.get("num-partitions", -1)),
-              "crash-in-round": int(node_config.get("crash-in-round", -1))}
+              "crash-in-round": int(node_config.get("crash-in-round", -1)),
+              "compilation-cache": str(node_config.get("compilation-cache", "true")).lower() not in ("false", "0")}
   settings["state-dir"] = str(node_config.get("state-dir", "")) or os.path.join(
       os.path.expanduser("~/.cache/frlora_jax/flower"), f"node-{partition}")
   return settings
@@ -68,7 +70,8 @@ def train_reply(content: RecordDict, settings: dict) -> RecordDict:
   """The reply to a round's message: the trained client's output and the node's timings."""
   t0 = time.time()
   os.makedirs(settings["state-dir"], exist_ok=True)
-  _use_compilation_cache(os.path.join(settings["state-dir"], "jax_cache"))
+  if settings.get("compilation-cache", True):
+    _use_compilation_cache(os.path.join(settings["state-dir"], "jax_cache"))
   output, timing = local_round(content, content["round"], settings)
   timing["node_seconds"] = time.time() - t0
   from frlora_jax.flower import wire

@@ -23,13 +23,6 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the deployment's state.")
-_SUPERNODES = flags.DEFINE_integer("supernodes", None, "SuperNodes to start: one per client "
-                                   "(config.fl.num_clients).")
-_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds to wait for a round's replies (and for nodes to connect).")
-flags.mark_flags_as_required(["config", "workdir", "supernodes"])
-
 APP_NAME = "frlora-jax-flower"
 CONNECTION = "frlora-local"
 
@@ -165,28 +158,40 @@ class Deployment:
         process.wait()
 
 
-def main(argv) -> None:
-  del argv
-  from frlora_jax import config_checks
-  from frlora_jax.flower import require_flower
-  require_flower()
-  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  try:
-    config_checks.check(config)
-    if _SUPERNODES.value != config.fl.num_clients:
-      raise ValueError(f"--supernodes={_SUPERNODES.value} differs from config.fl.num_clients="
-                       f"{config.fl.num_clients}: each SuperNode plays one client; pass "
-                       f"--supernodes={config.fl.num_clients}.")
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
-  app_dir = prepare(config, workdir, _TIMEOUT.value)
-  with Deployment(os.path.join(workdir, "flower"), _SUPERNODES.value) as deployment:
-    code = deployment.run_app(app_dir)
-  try:
-    check_outcome(workdir, code)
-  except RuntimeError as e:
-    raise SystemExit(f"error: {e}") from None
-  print(f"done: Flower run completed; outputs in {workdir}")
+def cli() -> None:
+  """python -m frlora_jax.flower.local (flags defined here, so importing this module defines none)."""
+  config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the deployment's state.")
+  supernodes_flag = flags.DEFINE_integer("supernodes", None, "SuperNodes to start: one per client "
+                                         "(config.fl.num_clients).")
+  timeout_flag = flags.DEFINE_integer("timeout", 3600, "Seconds to wait for a round's replies (and for nodes to "
+                                      "connect).")
+  flags.mark_flags_as_required(["config", "workdir", "supernodes"])
+
+  def main(argv) -> None:
+    del argv
+    from frlora_jax import config_checks
+    from frlora_jax.flower import require_flower
+    require_flower()
+    config, workdir, supernodes = config_flag.value, os.path.abspath(workdir_flag.value), supernodes_flag.value
+    try:
+      config_checks.check(config)
+      if supernodes != config.fl.num_clients:
+        raise ValueError(f"--supernodes={supernodes} differs from config.fl.num_clients={config.fl.num_clients}: "
+                         f"each SuperNode plays one client; pass --supernodes={config.fl.num_clients}.")
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+    app_dir = prepare(config, workdir, timeout_flag.value)
+    with Deployment(os.path.join(workdir, "flower"), supernodes) as deployment:
+      code = deployment.run_app(app_dir)
+    try:
+      check_outcome(workdir, code)
+    except RuntimeError as e:
+      raise SystemExit(f"error: {e}") from None
+    print(f"done: Flower run completed; outputs in {workdir}")
+
+  app.run(main)
 
 
 def prepare(config, workdir: str, timeout: int) -> str:
@@ -215,4 +220,4 @@ def check_outcome(workdir: str, code: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -1,16 +1,16 @@
 """What travels each round, and how a node keeps its replica of the global model.
 
 Two modes, chosen by the algorithm:
-- replay (every algorithm without client states: FedAvg, FedOpt, FRLoRA, FLoRA, FedEx-LoRA, ...):
-  each node keeps a replica of the global `ServerState` (the base's LoRA-targeted kernels when
-  the rule updates the base, the LoRA, head and algorithm state) and brings it up to date by
-  running the algorithm's own `aggregate` on the round's broadcast: the weighted mean of the
-  uploads for mean-based rules, the stacked uploads otherwise. A client then starts from
-  `client_start(replica)` as in simulation. FRLoRA's residual base never travels: nodes receive
-  the averaged factors and head (what its `downloads` says) and fold s (A_avg B_avg - A0 B0)
-  into their own copy.
-- direct (algorithms with client states: SCAFFOLD, FedSA-LoRA): the server keeps the client
-  states, as in simulation, and sends each client its starting tree and context.
+- direct (every rule that leaves the base alone: FedAvg, FedOpt, SCAFFOLD, FlexLoRA, HetLoRA, ...):
+  the server computes each client's starting tree and context exactly as in simulation (it keeps
+  the client states) and sends them; the node trains on top of its own pre-trained base.
+- replay (rules that update the base: FRLoRA, FLoRA, FedEx-LoRA): each node keeps a replica of
+  the global `ServerState` (the base's LoRA-targeted kernels, the LoRA, head and algorithm state)
+  and brings it up to date by running the algorithm's own `aggregate` on the round's broadcast:
+  the weighted mean of the uploads for mean-based rules, the stacked uploads otherwise. A client
+  then starts from `client_start(replica)`. FRLoRA's residual base never travels: its nodes
+  receive the averaged factors and head (what its `downloads` says) and fold
+  s (A_avg B_avg - A0 B0) into their own copy.
 A node that missed rounds receives every broadcast since its last one; after a server restart
 (resume) a node receives the global state itself once (a snapshot). A checksum of the global
 state travels with every message, so a replica that drifted is named instead of trained on.
@@ -32,8 +32,11 @@ from frlora_jax.algorithms.base import weighted_mean
 
 
 def replays(algorithm: Algorithm, server: ServerState) -> bool:
-  """Whether nodes can rebuild each client's start from a replica (no per-client state)."""
-  return algorithm.init_client_state(server) is None
+  """Whether nodes keep a replica (the rule changes the base, which is too big to send each round)."""
+  if algorithm.updates_base and algorithm.init_client_state(server) is not None:
+    raise NotImplementedError(f"{algorithm.name} updates the base and keeps client states: nodes could not "
+                              f"replay its server step; the Flower app does not run it.")
+  return algorithm.updates_base
 
 
 def lean(server: ServerState, algorithm: Algorithm) -> ServerState:
