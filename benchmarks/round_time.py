@@ -48,6 +48,8 @@ def parse_args(argv=None):
   p.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="storage dtype of the base (default: --dtype)")
   p.add_argument("--grad_accum", type=int, default=1)
+  p.add_argument("--loss_on", choices=["response", "all"], default="response",
+                 help="llama: loss on the second half of each row (a response), or on every token")
   return p.parse_args(argv)
 
 
@@ -58,7 +60,7 @@ def synthetic_lm_data(args, seed=0):
   n = args.clients * args.bs * args.grad_accum * 4
   ids = rng.integers(3, args.vocab, size=(n, args.seq), dtype=np.int32)
   loss_mask = np.zeros_like(ids)
-  loss_mask[:, args.seq // 2:] = 1
+  loss_mask[:, 0 if args.loss_on == "all" else args.seq // 2:] = 1
   train = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
   return FederatedData(train=train, client_indices=partition.iid(n, args.clients, seed), client_names=[],
                        eval_batches=[], num_labels=0, label_names=(), metric="perplexity")
@@ -164,7 +166,7 @@ def run(args) -> dict:
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
       "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "grad_accum": args.grad_accum,
-      "dropout_bits": args.dropout_bits,
+      "loss_on": args.loss_on if args.arch == "llama" else None, "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,
       "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
       "round_s_median": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],

@@ -77,6 +77,23 @@ def tiny_config(model_dir, data_path, **overrides):
   return _override(c, overrides)
 
 
+def tiny_config_file(path, model_dir, data_path, **fields) -> str:
+  """A config file (for subprocesses: train.py, Flower) of `tiny_config` with `fields` ('fl.num_clients': 5, ...)."""
+  import textwrap
+  tests = os.path.dirname(os.path.abspath(__file__))
+  lines = "".join(f"\n        c.{key} = {value!r}" for key, value in fields.items())
+  path.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {tests!r})
+      from conftest import tiny_config
+
+      def get_config():
+        c = tiny_config({model_dir!r}, {str(data_path)!r}){lines}
+        return c
+      """))
+  return str(path)
+
+
 @pytest.fixture
 def make_config(tiny_model_dir, sentiment_csv):
   return lambda **kw: tiny_config(tiny_model_dir, sentiment_csv, **kw)

@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
+from conftest import tiny_config_file
 from frlora_jax import experiment
 from frlora_jax.flower import client_app, local, server_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
 
 
 def _records(path):
@@ -89,18 +88,8 @@ def test_missing_flower_is_named(monkeypatch):
 
 
 def _config_file(tmp_path, tiny_model_dir, sentiment_csv) -> str:
-  path = tmp_path / "tiny_config.py"
-  path.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from conftest import tiny_config
-
-      def get_config():
-        c = tiny_config({tiny_model_dir!r}, {str(sentiment_csv)!r})
-        c.fl.num_clients, c.fl.rounds, c.optim.lr = 2, 3, 2e-2
-        return c
-      """))
-  return str(path)
+  return tiny_config_file(tmp_path / "tiny_config.py", tiny_model_dir, sentiment_csv,
+                          **{"fl.num_clients": 2, "fl.rounds": 3, "optim.lr": 2e-2})
 
 
 def _no_process_left(marker: str):

@@ -8,16 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
+from conftest import tiny_config_file
 from frlora_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
 
 
 def _free_port() -> int:
@@ -27,18 +26,8 @@ def _free_port() -> int:
 
 
 def _config_file(tmp_path, tiny_model_dir, sentiment_csv) -> str:
-  path = tmp_path / "tiny_config.py"
-  path.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from conftest import tiny_config
-
-      def get_config():
-        c = tiny_config({tiny_model_dir!r}, {str(sentiment_csv)!r})
-        c.fl.num_clients, c.optim.lr = 5, 2e-2
-        return c
-      """))
-  return str(path)
+  return tiny_config_file(tmp_path / "tiny_config.py", tiny_model_dir, sentiment_csv,
+                          **{"fl.num_clients": 5, "optim.lr": 2e-2})
 
 
 def _start(config_file, workdir, port, process_id, *extra):
