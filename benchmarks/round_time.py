@@ -60,7 +60,7 @@ def synthetic_lm_data(args, seed=0):
   n = args.clients * args.bs * args.grad_accum * 4
   ids = rng.integers(3, args.vocab, size=(n, args.seq), dtype=np.int32)
   loss_mask = np.zeros_like(ids)
-  loss_mask[:, 0 if args.loss_on == "all" else args.seq // 2:] = 1
+  loss_mask[:, 0 if getattr(args, "loss_on", "response") == "all" else args.seq // 2:] = 1
   train = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
   return FederatedData(train=train, client_indices=partition.iid(n, args.clients, seed), client_names=[],
                        eval_batches=[], num_labels=0, label_names=(), metric="perplexity")
