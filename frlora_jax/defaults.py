@@ -54,6 +54,9 @@ def get_config():
   c.data.answer_format = "none"   # none | letter | number: what exact match compares
   c.data.max_new_tokens = 16      # greedy generation length for exact match
   c.data.max_generate_examples = 0  # 0: generate for every eval example
+  # Eval batches padded to their own length bucket (a compiled program per bucket), or all to the longest one:
+  # one program per eval function. On CPU a causal LM's programs are slow to compile and stay resident.
+  c.data.eval_buckets = True
 
   c.fl = ml_collections.ConfigDict()
   c.fl.algorithm = "frlora"

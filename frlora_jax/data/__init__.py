@@ -197,9 +197,9 @@ def build_instructions(config, tokenizer) -> FederatedData:
       train=batching.lm_arrays(train.input_ids, train.loss_mask, length, pad_id),
       client_indices=parts, client_names=names,
       eval_batches=batching.lm_eval_batches(eval_.input_ids, eval_.loss_mask, config.eval_batch_size, d.max_length,
-                                            pad_id),
+                                            pad_id, d.eval_buckets),
       num_labels=0, label_names=(), metric=d.metric,
-      prompt_batches=batching.prompt_batches(prompts, config.eval_batch_size, d.max_length, pad_id)
+      prompt_batches=batching.prompt_batches(prompts, config.eval_batch_size, d.max_length, pad_id, d.eval_buckets)
       if d.answer_format != "none" else [],
       references=[eval_.references[i] for i in generate_rows])
 
@@ -214,5 +214,6 @@ def build_classification(config, tokenizer) -> FederatedData:
   return FederatedData(
       train=batching.train_arrays(train_encoded, train.labels, d.max_length, pad_id),
       client_indices=parts, client_names=names,
-      eval_batches=batching.eval_batches(eval_encoded, eval_.labels, config.eval_batch_size, d.max_length, pad_id),
+      eval_batches=batching.eval_batches(eval_encoded, eval_.labels, config.eval_batch_size, d.max_length, pad_id,
+                                         d.eval_buckets),
       num_labels=num_labels, label_names=label_names, metric=d.metric)

@@ -3,7 +3,8 @@
 Training rows are padded to the smallest bucket that holds the longest
 training example (so short-sentence data is not padded to max_length, and
 every local step has the same shape). Evaluation batches are sorted by length
-and each padded to its own bucket: a handful of compiled shapes in all.
+and each padded to its own bucket: a handful of compiled shapes in all (or, with
+config.data.eval_buckets False, all to the longest batch's bucket: one shape).
 """
 from __future__ import annotations
 
@@ -50,22 +51,25 @@ def train_arrays(encoded, labels, max_length: int, pad_id: int) -> dict[str, np.
   return arrays
 
 
-def length_sorted_batches(sizes, batch_size: int, max_length: int):
+def length_sorted_batches(sizes, batch_size: int, max_length: int, buckets: bool = True):
   """Yield (rows, padded rows, bucket length) over rows sorted by size, in batches of exactly
-  batch_size: the last batch repeats its first row, and rows are the real ones."""
+  batch_size: the last batch repeats its first row, and rows are the real ones.
+  buckets=False: every batch gets the longest row's bucket (one shape)."""
   sizes = np.asarray(sizes)
   order = np.argsort(sizes, kind="stable")
+  longest = bucket_length(int(sizes.max()), max_length) if len(sizes) else max_length
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
-    yield rows, padded, bucket_length(int(sizes[rows].max()), max_length)
+    yield rows, padded, bucket_length(int(sizes[rows].max()), max_length) if buckets else longest
 
 
-def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int,
+                 buckets: bool = True) -> list[dict[str, np.ndarray]]:
   """Length-sorted batches of exactly batch_size rows; `valid` marks the real ones."""
   labels = np.asarray(labels, np.int32)
   batches = []
-  for rows, padded, length in length_sorted_batches(lengths(encoded), batch_size, max_length):
+  for rows, padded, length in length_sorted_batches(lengths(encoded), batch_size, max_length, buckets):
     batch = pad_rows(encoded, padded, length, pad_id)
     batch["labels"] = labels[padded]
     batch["valid"] = np.arange(batch_size) < len(rows)
@@ -85,20 +89,22 @@ def lm_arrays(ids: list[list[int]], loss_mask: list[list[int]], length: int, pad
   return out
 
 
-def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: int,
+                    buckets: bool = True) -> list[dict[str, np.ndarray]]:
   """Length-sorted, bucket-padded batches of exactly batch_size rows; `valid` marks the real ones."""
   batches = []
-  for rows, padded, length in length_sorted_batches([len(s) for s in ids], batch_size, max_length):
+  for rows, padded, length in length_sorted_batches([len(s) for s in ids], batch_size, max_length, buckets):
     batch = lm_arrays([ids[r] for r in padded], [loss_mask[r] for r in padded], length, pad_id)
     batch["valid"] = np.arange(batch_size) < len(rows)
     batches.append(batch)
   return batches
 
 
-def prompt_batches(prompts: list[list[int]], batch_size: int, max_length: int, pad_id: int) -> list[dict]:
+def prompt_batches(prompts: list[list[int]], batch_size: int, max_length: int, pad_id: int,
+                   buckets: bool = True) -> list[dict]:
   """Left-padded prompt batches (generation appends on the right); `rows` are indices into `prompts`."""
   batches = []
-  for rows, padded, length in length_sorted_batches([len(p) for p in prompts], batch_size, max_length):
+  for rows, padded, length in length_sorted_batches([len(p) for p in prompts], batch_size, max_length, buckets):
     ids = np.full((batch_size, length), pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for i, r in enumerate(padded):
