@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -40,8 +41,15 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
       return True
     return False
   check(coordinator_address, num_processes, process_id)
+  # jax aborts the process (no Python error) when not every process joins in time: say beforehand what to check.
+  print(f"Joining a run of {num_processes} processes at {coordinator_address} as process {process_id}; if they "
+        f"do not all join within {timeout_s * 3} s (3 x --distributed_timeout) the run stops: every process needs "
+        f"the same --coordinator_address and --num_processes and its own --process_id.", file=sys.stderr, flush=True)
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              initialization_timeout=timeout_s * 3, heartbeat_timeout_seconds=timeout_s)
+  if jax.process_count() != num_processes:  # the coordinator's count wins; say so instead of running lopsided
+    raise ValueError(f"--num_processes={num_processes}, but the coordinator at {coordinator_address} runs "
+                     f"{jax.process_count()} processes: give every process the same --num_processes.")
   return True
 
 

@@ -125,3 +125,25 @@ def test_bad_distributed_flags_are_named_before_any_work(tmp_path, tiny_model_di
                            str(tmp_path / "w"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "w")
+
+
+def _join(port: int, num_processes: int, process_id: int, timeout_s: int) -> subprocess.Popen:
+  code = ("import sys; from frlora_jax import distributed; "
+          f"distributed.initialize('127.0.0.1:{port}', {num_processes}, {process_id}, timeout_s={timeout_s}); "
+          "print('joined', flush=True)")
+  return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+@pytest.mark.parametrize("counts, failing, message", [
+    ((2, 3), 1, "give every process the same --num_processes"),   # the coordinator's count wins: named at once
+    ((3, 2), 0, "if they do not all join within 9 s"),  # jax aborts after the wait; the flags were named first
+])
+def test_mismatched_process_counts_are_named(counts, failing, message):
+  port = _free_port()
+  processes = [_join(port, n, i, timeout_s=3) for i, n in enumerate(counts)]
+  try:
+    outputs = [p.communicate(timeout=90)[0] for p in processes]
+  finally:
+    _stop(processes)
+  assert processes[failing].returncode != 0 and message in outputs[failing], outputs[failing][-2000:]
