@@ -35,7 +35,7 @@ from frlora_jax import run_log
 # Fields that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = {
     "fl.rounds", "fl.executor", "fl.clients_per_chunk", "eval_every", "eval_batch_size",
-    "checkpoint_every", "keep_checkpoints", "data.max_eval_examples",
+    "checkpoint_every", "keep_checkpoints", "data.max_eval_examples", "data.eval_buckets",
 }
 IDENTITY_FILE = "experiment.json"
 

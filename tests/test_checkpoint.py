@@ -89,8 +89,8 @@ def test_incompatible_resume_is_refused_and_rounds_can_grow(make_config, tmp_pat
   for change in ({"lora.rank": 2}, {"seed": 1}, {"fl.algorithm": "fedavg"}, {"fl.num_clients": 4}):
     with pytest.raises(ValueError, match="Refusing to resume.*" + list(change)[0].replace(".", r"\.")):
       experiment.run(make_config(**{"fl.rounds": 3, **change}), str(tmp_path))
-  records = experiment.run(make_config(**{"fl.rounds": 3}), str(tmp_path))
-  assert [r["round"] for r in records] == [3]
+  records = experiment.run(make_config(**{"fl.rounds": 3, "data.eval_buckets": False}), str(tmp_path))
+  assert [r["round"] for r in records] == [3]  # eval padding may change on resume: it changes no training
   assert [r["round"] for r in _records(tmp_path)] == [1, 2, 3]
 
 
