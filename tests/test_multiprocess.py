@@ -128,7 +128,7 @@ def test_bad_distributed_flags_are_named_before_any_work(tmp_path, tiny_model_di
 
 
 def _join(port: int, num_processes: int, process_id: int, timeout_s: int) -> subprocess.Popen:
-  code = ("import sys; from frlora_jax import distributed; "
+  code = ("from frlora_jax import distributed; "
           f"distributed.initialize('127.0.0.1:{port}', {num_processes}, {process_id}, timeout_s={timeout_s}); "
           "print('joined', flush=True)")
   return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
