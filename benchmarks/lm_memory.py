@@ -40,6 +40,7 @@ def parse_args(argv=None):
   p.add_argument("--targets", default=r"(q|v)_proj$", help="comma-separated LoRA target regexes")
   p.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"], default="float32")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: param_dtype)")
+  p.add_argument("--scan_layers", action="store_true", help="llama: config.model.scan_layers (one lax.scan)")
   p.add_argument("--remat", default="none")
   p.add_argument("--algorithm", default="frlora")
   p.add_argument("--executor", default="vmap", help="vmap (the GPU default) or map")
@@ -60,6 +61,7 @@ def benchmark_config(args):
   from frlora_jax import defaults
   c = defaults.get_config()
   c.model.name, c.model.remat = "random:llama", args.remat
+  c.model.scan_layers = bool(getattr(args, "scan_layers", False))
   c.model.param_dtype, c.model.dtype = args.param_dtype, args.dtype or args.param_dtype
   c.data.kind, c.data.path, c.data.max_length, c.data.metric = "instruction", "synthetic", args.seq, "perplexity"
   c.data.instruction_field, c.data.response_field = "instruction", "response"  # (synthetic tokens: unused)
@@ -96,7 +98,7 @@ def run(args) -> dict:
   out = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab",
                                                  "tie")},
          "setting": {k: getattr(args, k) for k in ("seq", "bs", "grad_accum", "steps", "clients", "rank", "targets",
-                                                   "param_dtype", "remat", "algorithm", "executor")},
+                                                   "param_dtype", "remat", "scan_layers", "algorithm", "executor")},
          "compute_dtype": config.model.dtype}
   t0 = time.perf_counter()
   out["estimate"] = plan = memory_plan.estimate(config, shape)

@@ -47,6 +47,7 @@ def parse_args(argv=None):
   p.add_argument("--remat", default="none", help="config.model.remat")
   p.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="storage dtype of the base (default: --dtype)")
+  p.add_argument("--scan_layers", action="store_true", help="llama: config.model.scan_layers (one lax.scan)")
   p.add_argument("--grad_accum", type=int, default=1)
   p.add_argument("--loss_on", choices=["response", "all"], default="response",
                  help="llama: loss on the second half of each row (a response), or on every token")
@@ -85,6 +86,7 @@ def benchmark_config(args):
   c.model.name, c.model.dtype = f"random:{args.arch}", args.dtype
   c.model.dropout_bits = args.dropout_bits
   c.model.remat, c.model.param_dtype = args.remat, args.param_dtype or args.dtype
+  c.model.scan_layers = bool(getattr(args, "scan_layers", False))
   c.data.path, c.data.max_length = "synthetic", args.seq
   if args.arch == "llama":
     c.data.kind, c.data.metric = "instruction", "perplexity"
@@ -165,7 +167,8 @@ def run(args) -> dict:
   return {
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
-      "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "grad_accum": args.grad_accum,
+      "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
+      "grad_accum": args.grad_accum,
       "loss_on": args.loss_on if args.arch == "llama" else None, "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,
       "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),

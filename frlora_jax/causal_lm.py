@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from frlora_jax import scan_layers
 from frlora_jax.models import Model, resolve_model_dir
 
 CAUSAL_FAMILIES = ("llama", "gpt2")
@@ -182,7 +183,7 @@ def make_apply(model: Model) -> Callable:
   def apply(params, batch, rng=None, deterministic=True):
     mask = batch["attention_mask"]
     rngs = {} if deterministic or rng is None else {"dropout": rng}
-    with model_fixes(family):
+    with model_fixes(family), scan_layers.scanned(family, model.scan_layers):
       out = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
                          deterministic=deterministic or rng is None, rngs=rngs)
     return out.logits
@@ -206,7 +207,7 @@ def make_hidden_apply(model: Model) -> Callable:
   def apply(params, batch, rng=None, deterministic=True):
     mask = batch["attention_mask"]
     rngs = {} if deterministic or rng is None else {"dropout": rng}
-    with model_fixes(family):
+    with model_fixes(family), scan_layers.scanned(family, model.scan_layers):
       hidden = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
                             deterministic or rng is None, rngs=rngs, method=hidden_states)
     if family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True):

@@ -39,6 +39,9 @@ def check(config) -> None:
   _one_of(config.model.param_dtype, DTYPES, "config.model.param_dtype")
   _one_of(config.model.dropout_bits, dropout.BITS, "config.model.dropout_bits")
   remat.check(config.model.remat)
+  if config.model.scan_layers and data.kind != "instruction":
+    raise ValueError("config.model.scan_layers=True scans causal Llama layers; this is a classification run "
+                     "(config.data.kind='classification'): set config.model.scan_layers=False.")
   _one_of(data.kind, ("classification", "instruction"), "config.data.kind")
   if data.kind == "instruction":
     check_instruction(config)

@@ -22,6 +22,7 @@ def get_config():
   c.model.param_dtype = "float32" # storage dtype of the frozen base: float32 | bfloat16 | float16 (LoRA, head,
                                   # optimizer states stay float32; FRLoRA/FLoRA keep their targets float32)
   c.model.remat = "none"          # none | block | full | a jax.checkpoint_policies name (recompute in backward)
+  c.model.scan_layers = False     # causal Llama: decoder layers as one lax.scan (one layer compiled; same results)
   c.model.logits_chunk = 128      # causal LMs: positions whose logits exist at once in the loss (0: all)
   c.model.dropout_bits = 32       # random bits per dropout draw: 32 (exact rate) | 16 | 8 (faster, rate rounded to 1/256)
 

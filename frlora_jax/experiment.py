@@ -25,7 +25,7 @@ import numpy as np
 
 from frlora_jax import (algorithms, checkpoint, client, config_checks, data as data_lib, distributed, host_memory,
                         interrupts, lora as lora_lib, models, optim, privacy, ranks as ranks_lib, remat, rng,
-                        round_data, run_log, weights, workloads)
+                        round_data, run_log, scan_layers, weights, workloads)
 from frlora_jax.algorithms import Algorithm, ServerState
 
 
@@ -163,6 +163,12 @@ def clients_per_chunk(config, model: Optional[models.Model]) -> int:
   return plan.auto_clients_per_chunk(config, hf_config)
 
 
+def with_scan_setting(model: models.Model, config) -> models.Model:
+  """The model as `config.model.scan_layers` asks to run it (refused for a family that cannot scan)."""
+  scan_layers.check(model.family, config.model.scan_layers)
+  return dataclasses.replace(model, scan_layers=bool(config.model.scan_layers))
+
+
 def _assemble(config, model, data, progress: bool = True) -> Experiment:
   workload = workloads.for_config(config)
   chunk = clients_per_chunk(config, model)
@@ -172,6 +178,7 @@ def _assemble(config, model, data, progress: bool = True) -> Experiment:
     data = data_lib.build(config, tokenizer)
   if model is None:
     model = workload.load_model(config, data)
+  model = with_scan_setting(model, config)
   config = privacy.with_resolved_noise(config, [len(rows) for rows in data.client_indices])
   algorithm = algorithms.from_config(config)
   apply_fn = workload.make_apply(model)

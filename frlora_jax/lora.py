@@ -8,6 +8,7 @@ copied per client.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -181,13 +182,66 @@ def _path_seed(path: Path) -> int:
   return zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF
 
 
+# The LoRA trees of the interceptors now active (innermost last), and the per-layer factors a
+# scanned layer stack (scan_layers.py) hands to them while it traces one layer's body.
+_ACTIVE: list[dict] = []
+_LAYER: list[dict] = []
+
+
+def stack_layer_factors(prefix: Path, count: int):
+  """Each active LoRA's factors under `prefix/<i>/...` for i < count, stacked over i, or None.
+
+  Returns {interceptor id: {suffix path: {"a": [count, in, r], "b": [count, r, out], "seed":
+  [count]}}} ({} when no interceptor is active); "seed" is the dropout seed of each layer's full
+  path. None when the layers do not all carry the same targets of the same shapes.
+  """
+  stacks = {}
+  for entries in _ACTIVE:
+    stacked = _stack_layers(entries, prefix, count)
+    if stacked is None:
+      return None
+    stacks[str(id(entries))] = stacked
+  return stacks
+
+
+def _stack_layers(entries: dict[Path, dict], prefix: Path, count: int):
+  depth = len(prefix)
+  by_suffix: dict[Path, dict[int, dict]] = {}
+  for path, entry in entries.items():
+    if path[:depth] == prefix and len(path) > depth + 1 and path[depth].isdigit():
+      by_suffix.setdefault(path[depth + 1:], {})[int(path[depth])] = entry
+  stacked = {}
+  for suffix, layers in by_suffix.items():
+    if sorted(layers) != list(range(count)) or len({(layers[i]["a"].shape, layers[i]["b"].shape)
+                                                    for i in layers}) != 1:
+      return None
+    stacked[suffix] = {
+        "a": jnp.stack([layers[i]["a"] for i in range(count)]),
+        "b": jnp.stack([layers[i]["b"] for i in range(count)]),
+        "seed": jnp.asarray([_path_seed(prefix + (str(i),) + suffix) for i in range(count)], jnp.uint32)}
+  return stacked
+
+
+@contextlib.contextmanager
+def layer_factors(factors: dict[str, dict]):
+  """While one scanned layer is traced: its slice of `stack_layer_factors`, by interceptor id and
+  module path relative to the layer."""
+  _LAYER.append(factors)
+  try:
+    yield
+  finally:
+    _LAYER.pop()
+
+
+@contextlib.contextmanager
 def interceptor(lora, scale: float, dropout: float = 0.0, rng=None, dropout_bits: int = 32):
   """A context manager that adds s * (dropout(x) @ A) @ B to targeted modules' outputs.
 
   Modules are matched by their scope path, which equals their path in the
-  params tree. Dropout is applied to the LoRA branch only (PEFT's lora_dropout),
-  with a key derived from `rng` and the module path (`dropout_lib.dropout` at
-  `dropout_bits`).
+  params tree (inside a scanned layer stack: their path within the layer, with the
+  layer's stacked factors from `layer_factors`). Dropout is applied to the LoRA branch
+  only (PEFT's lora_dropout), with a key derived from `rng` and the module's full path
+  (`dropout_lib.dropout` at `dropout_bits`).
   """
   entries = lora_entries(lora)
 
@@ -195,18 +249,27 @@ def interceptor(lora, scale: float, dropout: float = 0.0, rng=None, dropout_bits
     out = next_fun(*args, **kwargs)
     if context.method_name != "__call__":
       return out
-    entry = entries.get(tuple(context.module.scope.path))
+    path = tuple(context.module.scope.path)
+    entry = entries.get(path)
+    seed = _path_seed(path)
+    if entry is None and _LAYER:
+      entry = _LAYER[-1].get(str(id(entries)), {}).get(path)
+      seed = None if entry is None else entry["seed"]
     if entry is None:
       return out
     x = args[0]
     if dropout > 0.0 and rng is not None:
-      key = jax.random.fold_in(rng, _path_seed(tuple(context.module.scope.path)))
-      x = dropout_lib.dropout(x, dropout, key, dropout_bits)
+      x = dropout_lib.dropout(x, dropout, jax.random.fold_in(rng, seed), dropout_bits)
     a = entry["a"].astype(x.dtype)
     b = entry["b"].astype(x.dtype)
     return out + (scale * ((x @ a) @ b)).astype(out.dtype)
 
-  return nn.intercept_methods(add_lora)
+  _ACTIVE.append(entries)
+  try:
+    with nn.intercept_methods(add_lora):
+      yield
+  finally:
+    _ACTIVE.pop()
 
 
 def check_rank(targets: dict[Path, tuple[int, int]], rank: int) -> None:

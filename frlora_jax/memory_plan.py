@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frlora_jax import algorithms, causal_lm, client, experiment, models, weights, workloads
+from frlora_jax import algorithms, causal_lm, client, experiment, models, scan_layers, weights, workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,9 @@ def abstract_model(config, hf_config) -> tuple[models.Model, Any]:
       p = causal_lm.to_lora_layout(family, causal_lm.tie_lm_head(family, hf_config, p))
     return p
 
-  return models.Model(architecture.module, None, family, hf_config, None, config.model.name), params
+  model = models.Model(architecture.module, None, family, hf_config, None, config.model.name,
+                       scan_layers=bool(config.model.scan_layers) and family in scan_layers.FAMILIES)
+  return model, params
 
 
 def abstract_state(config, model: models.Model, params_fn, algorithm, num_clients: int):

@@ -34,6 +34,7 @@ class Model:
   hf_config: Any
   tokenizer: Any
   source: str  # where the weights came from (hub id or local dir)
+  scan_layers: bool = False  # causal Llama: run the decoder layers as one lax.scan (scan_layers.py)
 
   @property
   def head_patterns(self):

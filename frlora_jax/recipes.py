@@ -97,6 +97,7 @@ def paper_nlg(*, source: str, path: str, clients: int, per_round: int, rank: int
   # One client fits the paper's A100 40 GB (benchmarks/README.md: ~21 GB at batch 16 x 512, ~111 GB without
   # remat): a bf16 base (targeted kernels kept float32 by FRLoRA's exact accumulation) and block remat.
   c.model.param_dtype, c.model.remat = "bfloat16", "block"
+  c.model.scan_layers = True  # one decoder layer compiled instead of 32 (same results; scan_layers.py)
   return c
 
 

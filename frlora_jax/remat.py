@@ -75,6 +75,7 @@ def rematted_block(block_cls, policy: Optional[Callable]):
       return nn.remat(body, policy=policy, prevent_cse=True)(self, *(named[name] for name in traced))
 
   Rematted.__name__ = Rematted.__qualname__ = block_cls.__name__
+  Rematted.unrematted, Rematted.remat_policy = block_cls, policy  # what a scanned stack (scan_layers.py) applies
   return Rematted
 
 
