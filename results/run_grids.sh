@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Re-runs the README's comparison grids one (algorithm, seed) at a time. Each finished run's
+# metrics.jsonl and config.json are copied to results/<grid>/<algorithm>/seed<k>/, and a run whose
+# copy already logs the last round is skipped, so a grid can be finished over several sessions or
+# machines; the scratch run folders (with checkpoints) live under runs/grids/ and are never
+# committed. Tables: `python -m frlora_jax.compare --report_only --workdir results/<grid> ...`
+# with the grid's config and flags (see tabulate below), which reads only metrics.jsonl.
+#
+#   bash results/run_grids.sh            # every grid, in the order below
+#   bash results/run_grids.sh bbc_news_all rotten_tomatoes_new   # only these grids
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/grids/jax_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+RECIPE="--config.fl.rounds=10 --config.eval_every=1"
+ALL="frlora,fedavg,ffa_lora,fedprox,scaffold,fedavgm,fedadagrad,fedyogi,fedadam,flora,flexlora,fedsa_lora,fedreg,fedex_lora,rolora,fedsvd,hetlora"
+OFFICIAL="fedavgm,fedadagrad,fedyogi,fedadam"
+HET="flora,flexlora,hetlora"
+DP3="frlora,fedavg,ffa_lora"
+DP="--config.dp.mode=sample --config.dp.delta=1e-5 --config.dp.clip_norm=1.0"
+
+# grid | config | algorithms | extra flags
+GRIDS=(
+  "bbc_news_all|configs/demo.py:bbc|$ALL|"
+  "rotten_tomatoes_new|configs/demo.py|fedex_lora,rolora,fedsvd,hetlora|"
+  "bbc_news_official|configs/demo.py:bbc|$OFFICIAL|--config.fl.server_rule=official"
+  "bbc_news_hetranks|configs/demo.py:bbc|$HET|--config.fl.client_ranks=tiers:4,8,16"
+  "rotten_tomatoes_hetranks|configs/demo.py|$HET|--config.fl.client_ranks=tiers:4,8,16"
+  "rotten_tomatoes_dp_eps8|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=8"
+  "rotten_tomatoes_dp_eps3|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=3"
+  "rotten_tomatoes_dp_eps1|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=1"
+  "rotten_tomatoes_all|configs/demo.py|$ALL|"
+)
+
+finished() {  # $1: metrics.jsonl; true when it logs round 10
+  [[ -f "$1" ]] && python - "$1" <<'EOF'
+import json, sys
+sys.exit(0 if any(json.loads(l)["round"] == 10 for l in open(sys.argv[1]) if l.strip()) else 1)
+EOF
+}
+
+for entry in "${GRIDS[@]}"; do
+  IFS='|' read -r grid config algorithms extra <<<"$entry"
+  if [[ $# -gt 0 && ! " $* " =~ " $grid " ]]; then continue; fi
+  for algorithm in ${algorithms//,/ }; do
+    for seed in 0 1 2; do
+      keep="results/$grid/$algorithm/seed$seed"
+      if finished "$keep/metrics.jsonl"; then continue; fi
+      # shellcheck disable=SC2086
+      python -m frlora_jax.compare --config "$config" --algorithms "$algorithm" --seeds "$seed" \
+        --workdir "runs/grids/$grid" $RECIPE $extra
+      mkdir -p "$keep"
+      cp "runs/grids/$grid/$algorithm/seed$seed/metrics.jsonl" "runs/grids/$grid/$algorithm/seed$seed/config.json" "$keep/"
+    done
+  done
+done
