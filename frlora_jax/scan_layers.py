@@ -21,12 +21,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from frlora_jax import lora as lora_lib
 
 FAMILIES = ("llama",)
-PARAMS_NAME = "scanned_layer_params"
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +54,6 @@ def scanned_collection(collection_cls):
       def layer(hidden, xs):
         index, factors = xs
         layer_params = jax.lax.switch(index, [functools.partial(lambda i: layers[i], i) for i in range(count)])
-        layer_params = checkpoint_name(layer_params, PARAMS_NAME)
         with lora_lib.layer_factors(factors):
           out = layer_cls(config, dtype=dtype, parent=None).apply(
               {"params": layer_params}, hidden, attention_mask, position_ids, deterministic)
@@ -74,14 +71,13 @@ def layer_and_policy(layer_cls):
   """(the layer class to apply, the checkpoint policy of one scanned layer).
 
   The policy is the block remat's (remat.rematted_block; 'block' saves nothing), or, without
-  remat, everything; in both cases never the layer's weights picked by `lax.switch`, which
-  the backward pass picks again instead of saving a copy of every layer.
+  remat, everything, except in both cases the output of the `lax.switch` (a `cond`) that picks
+  the layer's weights: the backward pass picks them again instead of saving a copy of every layer.
   """
   inner = jax.checkpoint_policies.everything_saveable
   if hasattr(layer_cls, "unrematted"):
     layer_cls, inner = layer_cls.unrematted, layer_cls.remat_policy or jax.checkpoint_policies.nothing_saveable
-  not_weights = jax.checkpoint_policies.save_anything_except_these_names(PARAMS_NAME)
-  return layer_cls, lambda prim, *args, **params: not_weights(prim, *args, **params) and inner(prim, *args, **params)
+  return layer_cls, lambda prim, *args, **params: prim.name != "cond" and inner(prim, *args, **params)
 
 
 @contextlib.contextmanager
