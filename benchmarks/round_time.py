@@ -12,6 +12,7 @@ divided by the FLOP/s of a large dense matmul measured in the same process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -48,6 +49,7 @@ def parse_args(argv=None):
   p.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="storage dtype of the base (default: --dtype)")
   p.add_argument("--scan_layers", action="store_true", help="llama: config.model.scan_layers (one lax.scan)")
+  p.add_argument("--logits_chunk", type=int, default=None, help="llama: config.model.logits_chunk (0: all at once)")
   p.add_argument("--grad_accum", type=int, default=1)
   p.add_argument("--loss_on", choices=["response", "all"], default="response",
                  help="llama: loss on the second half of each row (a response), or on every token")
@@ -87,6 +89,8 @@ def benchmark_config(args):
   c.model.dropout_bits = args.dropout_bits
   c.model.remat, c.model.param_dtype = args.remat, args.param_dtype or args.dtype
   c.model.scan_layers = bool(getattr(args, "scan_layers", False))
+  if getattr(args, "logits_chunk", None) is not None:
+    c.model.logits_chunk = args.logits_chunk
   c.data.path, c.data.max_length = "synthetic", args.seq
   if args.arch == "llama":
     c.data.kind, c.data.metric = "instruction", "perplexity"
@@ -122,7 +126,9 @@ def _timed(fn) -> float:
 def step_flops(exp, state) -> float:
   """XLA's FLOP count for one client's single local step (forward, backward, AdamW)."""
   from frlora_jax import client, experiment
-  one_step = experiment.make_local_update(exp.config, exp.algorithm, exp.model, local_steps=1)
+  # XLA's cost analysis counts a while loop's body once: count the layers unrolled.
+  unrolled = dataclasses.replace(exp.model, scan_layers=False)
+  one_step = experiment.make_local_update(exp.config, exp.algorithm, unrolled, local_steps=1)
   start = exp.algorithm.client_start(state.server, None)
   batches = jax.tree_util.tree_map(lambda x: x[0, :1], exp.train_batches.for_round(0, np.arange(1)))
   inputs = client.ClientInput(start=start, rng=jax.random.PRNGKey(0), step0=jnp.int32(0), total_steps=jnp.int32(10),
@@ -168,6 +174,7 @@ def run(args) -> dict:
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
       "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
+      "logits_chunk": benchmark_config(args).model.logits_chunk if args.arch == "llama" else None,
       "grad_accum": args.grad_accum,
       "loss_on": args.loss_on if args.arch == "llama" else None, "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,

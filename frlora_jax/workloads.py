@@ -89,14 +89,47 @@ def chunked_response_loss(outputs, batch, chunk: int):
   """response_loss from (last hidden state, output kernel), `chunk` positions at a time.
 
   Each chunk's logits [B, chunk, V] are formed, reduced to its masked cross-entropy sum and
-  dropped; jax.checkpoint recomputes them in the backward pass, so neither pass holds the
-  [B, L, V] float32 logits (1 GB at 16 x 512 x 32000).
+  to the gradient of that sum with respect to the chunk's hidden states, and dropped
+  (`_fused_ce_sum`): neither pass holds the [B, L, V] float32 logits (1 GB at 16 x 512 x
+  32000), and, unlike recomputing them in the backward pass, no logits are formed twice.
+  The output kernel gets no gradient: in causal-LM runs it is part of the frozen base (only
+  LoRA trains; models.HEAD_PATTERNS).
   """
   hidden, kernel = outputs
   mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  chunk_sum = jax.checkpoint(lambda xs: _masked_chunk_ce(kernel, *xs).sum())
-  sums = jax.lax.map(chunk_sum, _shifted_chunks(hidden, batch, chunk))
-  return sums.sum() / jnp.maximum(mask.sum(), 1.0)
+  return _fused_ce_sum(hidden, kernel, batch["input_ids"], mask, chunk) / jnp.maximum(mask.sum(), 1.0)
+
+
+def _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk: int):
+  """(sum of masked next-token cross-entropies, its gradient with respect to `hidden`), chunk by chunk."""
+  targets = ids[:, 1:]
+
+  def one_chunk(xs):
+    h, t, m = xs
+    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, t) * m
+    dlogits = (jax.nn.softmax(logits) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * m[..., None]
+    return ce.sum(), jnp.matmul(dlogits.astype(h.dtype), kernel.astype(h.dtype).T)
+
+  sums, grads = jax.lax.map(one_chunk, tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask)))
+  grads = jnp.moveaxis(grads, 0, 1).reshape((hidden.shape[0], -1, hidden.shape[-1]))[:, :hidden.shape[1] - 1]
+  return sums.sum(), jnp.pad(grads, [(0, 0), (0, 1), (0, 0)]).astype(hidden.dtype)  # the last position predicts nothing
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce_sum(hidden, kernel, ids, mask, chunk: int):
+  return _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk)[0]
+
+
+def _fused_ce_sum_forward(hidden, kernel, ids, mask, chunk: int):
+  return _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk)  # (value, residual: the hidden gradient)
+
+
+def _fused_ce_sum_backward(chunk: int, hidden_grad, g):
+  return (g * hidden_grad).astype(hidden_grad.dtype), None, None, None
+
+
+_fused_ce_sum.defvjp(_fused_ce_sum_forward, _fused_ce_sum_backward)
 
 
 def _masked_chunk_ce(kernel, h, t, m):

@@ -31,7 +31,8 @@ def test_remat_shrinks_saved_activations_and_bf16_halves_them():
   assert block < none / 2
   bf16 = _config("none", "bfloat16")
   bf16.model.dtype = "bfloat16"
-  assert memory_plan.saved_activations(bf16, SHAPE) < 0.75 * none  # counted in their own dtype, not upcast
+  # counted in their own dtype, not upcast (HF Llama keeps its bf16 attention probabilities float32: not half)
+  assert memory_plan.saved_activations(bf16, SHAPE) < 0.9 * none
 
 
 def test_estimate_agrees_with_xla_plan_without_remat():
