@@ -174,7 +174,7 @@ def run(args) -> dict:
       "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
       "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
-      "logits_chunk": benchmark_config(args).model.logits_chunk if args.arch == "llama" else None,
+      "logits_chunk": exp.config.model.logits_chunk if args.arch == "llama" else None,
       "grad_accum": args.grad_accum,
       "loss_on": args.loss_on if args.arch == "llama" else None, "dropout_bits": args.dropout_bits,
       "executor": client.resolve_executor(args.executor), "algorithm": args.algorithm,

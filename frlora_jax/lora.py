@@ -251,14 +251,13 @@ def interceptor(lora, scale: float, dropout: float = 0.0, rng=None, dropout_bits
       return out
     path = tuple(context.module.scope.path)
     entry = entries.get(path)
-    seed = _path_seed(path)
-    if entry is None and _LAYER:
+    if entry is None and _LAYER:  # inside a scanned layer: this layer's slice of the stacked factors
       entry = _LAYER[-1].get(str(id(entries)), {}).get(path)
-      seed = None if entry is None else entry["seed"]
     if entry is None:
       return out
     x = args[0]
     if dropout > 0.0 and rng is not None:
+      seed = entry["seed"] if "seed" in entry else _path_seed(path)
       x = dropout_lib.dropout(x, dropout, jax.random.fold_in(rng, seed), dropout_bits)
     a = entry["a"].astype(x.dtype)
     b = entry["b"].astype(x.dtype)

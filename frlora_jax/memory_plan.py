@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frlora_jax import algorithms, causal_lm, client, experiment, models, scan_layers, weights, workloads
+from frlora_jax import algorithms, causal_lm, client, experiment, models, weights, workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +71,8 @@ def abstract_model(config, hf_config) -> tuple[models.Model, Any]:
       p = causal_lm.to_lora_layout(family, causal_lm.tie_lm_head(family, hf_config, p))
     return p
 
-  model = models.Model(architecture.module, None, family, hf_config, None, config.model.name,
-                       scan_layers=bool(config.model.scan_layers) and family in scan_layers.FAMILIES)
-  return model, params
+  model = models.Model(architecture.module, None, family, hf_config, None, config.model.name)
+  return experiment.with_scan_setting(model, config), params
 
 
 def abstract_state(config, model: models.Model, params_fn, algorithm, num_clients: int):

@@ -11,8 +11,8 @@ layer index. Each step picks its layer's parameters from the HF tree with `lax.s
 the base keeps its per-layer paths (LoRA targets, PiSSA, checkpoints and exports see the same
 tree) and is never stacked into a second copy; the layer's LoRA factors (and the dropout seeds
 their full paths give) are stacked, which is small, and reach the interceptor through
-`lora.layer_factors`. Block remat (remat.py) becomes the scanned layer's checkpoint policy. Decoding with a KV cache, attention dropout, and requests for per-layer outputs
-take HF's own loop.
+`lora.layer_factors`. Block remat (remat.py) becomes the scanned layer's checkpoint policy.
+Decoding with a KV cache, attention dropout, and requests for per-layer outputs take HF's own loop.
 """
 from __future__ import annotations
 
@@ -36,20 +36,19 @@ def scanned_collection(collection_cls):
     def __call__(self, hidden_states, attention_mask=None, position_ids=None, deterministic: bool = True,
                  init_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
                  return_dict: bool = False):
+      count = self.config.num_hidden_layers
       dropout_on = not deterministic and self.config.attention_dropout > 0.0
-      if (init_cache or output_attentions or output_hidden_states or dropout_on or self.is_initializing()
-          or "cache" in self.variables or "params" not in self.variables):
+      hf_loop = (init_cache or output_attentions or output_hidden_states or dropout_on or self.is_initializing()
+                 or "cache" in self.variables or "params" not in self.variables)
+      # None also when LoRA sits on only some layers, or with unequal shapes: HF's loop then too
+      lora_per_layer = None if hf_loop else lora_lib.stack_layer_factors(tuple(self.scope.path), count)
+      if lora_per_layer is None:
         return super().__call__(hidden_states, attention_mask, position_ids, deterministic, init_cache,
                                 output_attentions, output_hidden_states, return_dict)
-      count = self.config.num_hidden_layers
       params = self.variables["params"]
       layers = [params[str(i)] for i in range(count)]
       layer_cls, policy = layer_and_policy(lib.FlaxLlamaDecoderLayer)  # looked up now: block remat swaps it
       config, dtype = self.config, self.dtype
-      lora_per_layer = lora_lib.stack_layer_factors(tuple(self.scope.path), count)
-      if lora_per_layer is None:  # LoRA on only some layers, or of unequal shapes: HF's loop
-        return super().__call__(hidden_states, attention_mask, position_ids, deterministic, init_cache,
-                                output_attentions, output_hidden_states, return_dict)
 
       def layer(hidden, xs):
         index, factors = xs

@@ -97,46 +97,50 @@ def chunked_response_loss(outputs, batch, chunk: int):
   """
   hidden, kernel = outputs
   mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return _fused_ce_sum(hidden, kernel, batch["input_ids"], mask, chunk) / jnp.maximum(mask.sum(), 1.0)
+  return _fused_ce_sum(kernel, *_shifted_chunks(hidden, batch, chunk)) / jnp.maximum(mask.sum(), 1.0)
 
 
-def _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk: int):
-  """(sum of masked next-token cross-entropies, its gradient with respect to `hidden`), chunk by chunk."""
-  targets = ids[:, 1:]
+def _ce_sum_and_hidden_grad(kernel, hidden_chunks, target_chunks, mask_chunks):
+  """(sum of masked cross-entropies over all chunks, its gradient with respect to `hidden_chunks`)."""
 
   def one_chunk(xs):
     h, t, m = xs
-    logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, t) * m
+    logits = _chunk_logits(kernel, h)
     dlogits = (jax.nn.softmax(logits) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * m[..., None]
-    return ce.sum(), jnp.matmul(dlogits.astype(h.dtype), kernel.astype(h.dtype).T)
+    return _masked_ce(logits, t, m).sum(), jnp.matmul(dlogits.astype(h.dtype), kernel.astype(h.dtype).T)
 
-  sums, grads = jax.lax.map(one_chunk, tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask)))
-  grads = jnp.moveaxis(grads, 0, 1).reshape((hidden.shape[0], -1, hidden.shape[-1]))[:, :hidden.shape[1] - 1]
-  return sums.sum(), jnp.pad(grads, [(0, 0), (0, 1), (0, 0)]).astype(hidden.dtype)  # the last position predicts nothing
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_ce_sum(hidden, kernel, ids, mask, chunk: int):
-  return _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk)[0]
+  sums, grads = jax.lax.map(one_chunk, (hidden_chunks, target_chunks, mask_chunks))
+  return sums.sum(), grads
 
 
-def _fused_ce_sum_forward(hidden, kernel, ids, mask, chunk: int):
-  return _ce_sum_and_hidden_grad(hidden, kernel, ids, mask, chunk)  # (value, residual: the hidden gradient)
+@jax.custom_vjp
+def _fused_ce_sum(kernel, hidden_chunks, target_chunks, mask_chunks):
+  return _ce_sum_and_hidden_grad(kernel, hidden_chunks, target_chunks, mask_chunks)[0]
 
 
-def _fused_ce_sum_backward(chunk: int, hidden_grad, g):
-  return (g * hidden_grad).astype(hidden_grad.dtype), None, None, None
+def _fused_ce_sum_forward(kernel, hidden_chunks, target_chunks, mask_chunks):
+  return _ce_sum_and_hidden_grad(kernel, hidden_chunks, target_chunks, mask_chunks)  # residual: the hidden gradient
+
+
+def _fused_ce_sum_backward(hidden_grad, g):
+  return None, (g * hidden_grad).astype(hidden_grad.dtype), None, None
 
 
 _fused_ce_sum.defvjp(_fused_ce_sum_forward, _fused_ce_sum_backward)
 
 
-def _masked_chunk_ce(kernel, h, t, m):
-  """[B, chunk] cross-entropy of one chunk's next tokens t, times the response mask m (lm_head in the compute
-  dtype, logits in float32)."""
-  logits = jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
+def _chunk_logits(kernel, h):
+  """One chunk's logits: lm_head in the compute dtype, logits in float32."""
+  return jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
+
+
+def _masked_ce(logits, t, m):
   return optax.softmax_cross_entropy_with_integer_labels(logits, t) * m
+
+
+def _masked_chunk_ce(kernel, h, t, m):
+  """[B, chunk] cross-entropy of one chunk's next tokens t, times the response mask m."""
+  return _masked_ce(_chunk_logits(kernel, h), t, m)
 
 
 def _shifted_chunks(hidden, batch, chunk: int):
