@@ -14,6 +14,12 @@ state (set_peft_model_state_dict), a fresh AdamW over the trainable parameters, 
 of `bs` rows, read the LoRA state back (get_peft_model_state_dict); then FedAvg of the factors
 (equal weights: equal data). Loss on every token, float32, LoRA dropout 0.05 on q_proj, v_proj
 (alpha = 2 r). The first round is a warm-up; `round_s_median` is over the timed rounds.
+
+With `--examples FILE` (written by `benchmarks/round_time.py --data_config ... --export_examples FILE`)
+the rows are real tokenized instruction examples instead: each step draws `bs` of the client's
+examples, pads them to the longest in the batch and masks the prompt and padding out of the loss
+(labels -100), as OpenFedLLM's SFTTrainer with DataCollatorForCompletionOnlyLM does; the logits
+still cover every position. `response_tokens_per_s` counts the trained (response) tokens.
 """
 import argparse
 import json
@@ -46,6 +52,7 @@ def parse_args(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="timed rounds after the first (warm-up) one")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
+  p.add_argument("--examples", default=None, help="JSON of tokenized instruction examples (see above)")
   return p.parse_args(argv)
 
 
@@ -78,40 +85,71 @@ def run(args) -> dict:
       r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
       task_type="CAUSAL_LM"))
   generator = torch.Generator().manual_seed(0)
-  data = torch.randint(3, args.vocab, (args.clients, args.steps, args.bs, args.seq), generator=generator)
+  batches = real_batches(args, generator) if args.examples else synthetic_batches(args, generator)
   global_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
   def one_round():
-    uploads = []
+    uploads, response_tokens = [], 0
     for k in range(args.clients):
       set_peft_model_state_dict(model, global_state)
       optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
       model.train()
       for s in range(args.steps):
-        loss = model(input_ids=data[k, s], labels=data[k, s]).loss
+        batch = next(batches)
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        response_tokens += int((batch["labels"][:, 1:] != -100).sum())
       uploads.append({name: v.detach().clone() for name, v in get_peft_model_state_dict(model).items()})
-    return {name: sum(u[name] for u in uploads) / len(uploads) for name in uploads[0]}
+    return {name: sum(u[name] for u in uploads) / len(uploads) for name in uploads[0]}, response_tokens
 
   t0 = time.perf_counter()
-  global_state = one_round()
+  global_state, _ = one_round()
   first = time.perf_counter() - t0
-  times = []
+  times, tokens = [], []
   for _ in range(args.rounds):
     t0 = time.perf_counter()
-    global_state = one_round()
+    global_state, trained = one_round()
     times.append(time.perf_counter() - t0)
-  times.sort()
-  median = times[len(times) // 2]
+    tokens.append(trained)
+  median = sorted(times)[len(times) // 2]
   return {"reference": "pytorch+peft (OpenFedLLM loop)", "torch": torch.__version__,
+          "examples": args.examples, "response_tokens_per_s": round(sum(tokens) / len(tokens) / median, 2),
           "threads": torch.get_num_threads(), "hidden": args.hidden, "layers": args.layers, "seq": args.seq,
           "bs": args.bs, "clients": args.clients, "steps": args.steps, "rank": args.rank,
           "round_s_median": round(median, 3), "round_s_all": [round(t, 3) for t in times],
           "first_round_s": round(first, 3),
-          "tokens_per_s": round(args.clients * args.steps * args.bs * args.seq / median, 1),
+          "tokens_per_s": round(args.clients * args.steps * args.bs * args.seq / median, 1) if not args.examples else None,
           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def synthetic_batches(args, generator):
+  """Full-length random rows, loss on every token (labels = input_ids)."""
+  import torch
+  while True:
+    ids = torch.randint(3, args.vocab, (args.bs, args.seq), generator=generator)
+    yield {"input_ids": ids, "labels": ids}
+
+
+def real_batches(args, generator):
+  """Batches of `bs` random examples, right-padded to the batch's longest, prompt and padding out of the loss."""
+  import torch
+  with open(args.examples) as f:
+    data = json.load(f)
+  ids, masks, pad_id = data["input_ids"], data["loss_mask"], data["pad_id"]
+  while True:
+    rows = torch.randint(0, len(ids), (args.bs,), generator=generator).tolist()
+    longest = max(len(ids[r]) for r in rows)
+    input_ids = torch.full((args.bs, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((args.bs, longest), dtype=torch.long)
+    labels = torch.full((args.bs, longest), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+      n = len(ids[r])
+      input_ids[i, :n] = torch.tensor(ids[r])
+      attention[i, :n] = 1
+      labels[i, :n] = torch.where(torch.tensor(masks[r]) > 0, torch.tensor(ids[r]), torch.tensor(-100))
+    yield {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 def main():

@@ -53,7 +53,50 @@ def parse_args(argv=None):
   p.add_argument("--grad_accum", type=int, default=1)
   p.add_argument("--loss_on", choices=["response", "all"], default="response",
                  help="llama: loss on the second half of each row (a response), or on every token")
+  p.add_argument("--data_config", default=None,
+                 help="llama: real instruction data, that of this config (e.g. configs/demo_nlg.py or "
+                      "configs/demo_nlg.py:exams), tokenized by its model's tokenizer; --seq is ignored")
+  p.add_argument("--pack", type=int, default=0, help="with --data_config: config.data.pack (0: one example per row)")
+  p.add_argument("--export_examples", default=None,
+                 help="with --data_config: also write the tokenized training examples as JSON, for "
+                      "benchmarks/peft_reference.py --examples")
   return p.parse_args(argv)
+
+
+def load_config_file(spec: str):
+  """get_config(arg) of a config file given as path[:arg], as train.py reads it."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("benchmark_data_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def real_lm_data(args, config):
+  """The data config's instruction data, built by the project's data layer with `config`'s clients,
+  batch and packing (the model stays the random one of the requested shape)."""
+  from frlora_jax import data as data_lib
+  from frlora_jax.data import instructions
+  from frlora_jax.models import load_tokenizer
+  source = load_config_file(args.data_config)
+  config.data = source.data
+  config.data.pack, config.data.max_generate_examples = args.pack, 1
+  config.data.max_eval_examples = 8
+  tokenizer = load_tokenizer(source.model.name)
+  if args.export_examples:
+    train_cols, _ = data_lib.load_instruction_columns(config.data, config.seed)
+    encoded = instructions.encode(tokenizer, train_cols, config.data, config.data.max_length)
+    with open(args.export_examples, "w") as f:
+      json.dump({"input_ids": encoded.input_ids, "loss_mask": encoded.loss_mask,
+                 "pad_id": data_lib.pad_token_id(tokenizer), "source": args.data_config}, f)
+  return data_lib.build(config, tokenizer)
+
+
+def trained_response_tokens(exp, round_index: int, clients: int) -> int:
+  """Response tokens (loss positions) in one round's client batches."""
+  rows = exp.train_batches.rows(round_index, np.arange(clients))
+  return int(exp.train_batches.columns["loss_mask"][rows][..., 1:].sum())
 
 
 def synthetic_lm_data(args, seed=0):
@@ -147,12 +190,17 @@ def run(args) -> dict:
     from frlora_jax import causal_lm
     model = causal_lm.random_causal_lm("llama", hidden=args.hidden, layers=args.layers, heads=args.heads,
                                        kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
-                                       max_positions=max(args.seq, 128), tie=args.tie, dtype=dtype)
+                                       max_positions=max(args.seq, args.pack, 512), tie=args.tie, dtype=dtype)
   else:
     model = models.random_classifier(args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
                                      vocab=args.vocab, num_labels=2, max_positions=args.seq + 2,
                                      intermediate=args.intermediate, dtype=dtype)
-  exp = experiment.build(benchmark_config(args), model=model, data=synthetic_data(args))
+  config = benchmark_config(args)
+  data = real_lm_data(args, config) if args.data_config else synthetic_data(args)
+  exp = experiment.build(config, model=model, data=data)
+  seq = int(exp.train_batches.columns["input_ids"].shape[-1])
+  response_tokens = [trained_response_tokens(exp, r, args.clients) for r in range(1, args.rounds + 1)] \
+      if args.arch == "llama" else []
   state = exp.init_state()
   t0 = time.perf_counter()
   state, _ = experiment.run_round(exp, state, 0)
@@ -171,7 +219,7 @@ def run(args) -> dict:
   peak = matmul_flops_per_s(dtype)
   device = jax.devices()[0]
   return {
-      "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": args.seq, "bs": args.bs,
+      "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "seq": seq, "bs": args.bs,
       "clients": args.clients, "steps": args.steps, "rank": args.rank, "dtype": args.dtype,
       "param_dtype": args.param_dtype or args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
       "logits_chunk": exp.config.model.logits_chunk if args.arch == "llama" else None,
@@ -182,7 +230,9 @@ def run(args) -> dict:
       "round_s_median": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
       "compile_s": round(first - round_s, 3), "compiles_after_first_round": compiles(),
       "client_steps_per_s": round(args.clients * args.steps / round_s, 3),
-      "tokens_per_s": round(args.clients * args.steps * args.grad_accum * args.bs * args.seq / round_s, 1),
+      "tokens_per_s": round(args.clients * args.steps * args.grad_accum * args.bs * seq / round_s, 1),
+      "response_tokens_per_s": round(float(np.mean(response_tokens)) / round_s, 2) if response_tokens else None,
+      "data_config": args.data_config, "pack": args.pack, "row_length": seq,
       "round_gflop": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / round_s / 1e9, 2),
       "matmul_gflop_per_s": round(peak / 1e9, 2), "mfu": round(flops / round_s / peak, 3),
       "peak_rss_mb": round(peak_rss_mb, 1),

@@ -81,12 +81,30 @@ def _lean_silu_jvp(primals, tangents):
   return x * s, t * (s * (1 + x * (1 - s)))
 
 
-def lean_attention_weights(*args, **kwargs):
+_SEGMENTS: list = []  # segment ids [B, L] of the packed batch being traced (packed_segments), innermost last
+
+
+@contextlib.contextmanager
+def packed_segments(segment_ids):
+  """While tracing a packed batch (data.pack): attention stays inside each example's segment."""
+  _SEGMENTS.append(segment_ids)
+  try:
+    yield
+  finally:
+    _SEGMENTS.pop()
+
+
+def lean_attention_weights(query, key, bias=None, *args, **kwargs):
   """flax's dot_product_attention_weights under JAX's custom-JVP softmax: the backward pass keeps the
-  attention probabilities only (the default softmax also keeps their unnormalised exp)."""
+  attention probabilities only (the default softmax also keeps their unnormalised exp). In a packed
+  batch, keys of other segments are masked as HF masks padding (bias: finfo.min)."""
   from flax.linen.attention import dot_product_attention_weights
+  if _SEGMENTS:
+    segments = _SEGMENTS[-1]
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, q, k]
+    bias = jnp.where(same, bias, jnp.finfo(bias.dtype).min)
   with jax.softmax_custom_jvp(True):
-    return dot_product_attention_weights(*args, **kwargs)
+    return dot_product_attention_weights(query, key, bias, *args, **kwargs)
 
 
 def _llama_fixes(lib):
@@ -205,15 +223,28 @@ def positions(attention_mask):
   return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+@contextlib.contextmanager
+def _traced_as(model: Model, batch):
+  """The fixed modules, scanned layers and, for a packed batch, its segments, while `apply` traces."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(model_fixes(model.family))
+    stack.enter_context(scan_layers.scanned(model.family, model.scan_layers))
+    if "segment_ids" in batch:
+      if model.family != "llama":
+        raise ValueError(f"config.data.pack: packed rows need the Llama attention fix; {model.family!r} has none. "
+                         f"Set config.data.pack=0.")
+      stack.enter_context(packed_segments(batch["segment_ids"]))
+    yield batch["positions"] if "positions" in batch else positions(batch["attention_mask"])
+
+
 def make_apply(model: Model) -> Callable:
   """Pure `apply(params, batch, rng, deterministic) -> logits [B, L, V]`."""
-  module, family = model.module, model.family
+  module = model.module
 
   def apply(params, batch, rng=None, deterministic=True):
-    mask = batch["attention_mask"]
     rngs = {} if deterministic or rng is None else {"dropout": rng}
-    with model_fixes(family), scan_layers.scanned(family, model.scan_layers):
-      out = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
+    with _traced_as(model, batch) as pos:
+      out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
                          deterministic=deterministic or rng is None, rngs=rngs)
     return out.logits
 
@@ -234,10 +265,9 @@ def make_hidden_apply(model: Model) -> Callable:
     return m.transformer(ids, mask, pos, deterministic=deterministic)[0]
 
   def apply(params, batch, rng=None, deterministic=True):
-    mask = batch["attention_mask"]
     rngs = {} if deterministic or rng is None else {"dropout": rng}
-    with model_fixes(family), scan_layers.scanned(family, model.scan_layers):
-      hidden = module.apply({"params": params}, batch["input_ids"], mask, positions(mask),
+    with _traced_as(model, batch) as pos:
+      hidden = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
                             deterministic or rng is None, rngs=rngs, method=hidden_states)
     if family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True):
       kernel = jnp.transpose(params["transformer"]["wte"]["embedding"])

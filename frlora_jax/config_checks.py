@@ -108,3 +108,11 @@ def check_instruction(config) -> None:
   if fl.partition == "dirichlet":
     raise ValueError("config.fl.partition='dirichlet' needs class labels; instruction data uses 'iid' or 'natural'.")
   _positive(data.max_new_tokens, "config.data.max_new_tokens")
+  if not isinstance(data.pack, int) or data.pack < 0:
+    raise ValueError(f"config.data.pack={data.pack!r} must be 0 (off) or a row length in tokens.")
+  if data.pack and data.pack < data.max_length:
+    raise ValueError(f"config.data.pack={data.pack} is shorter than config.data.max_length={data.max_length}, so "
+                     f"the longest kept example would not fit a packed row; set pack >= max_length.")
+  if data.pack and config.dp.mode == "sample":
+    raise ValueError("config.data.pack: sample-level DP (config.dp.mode='sample') clips per row and accounts per "
+                     "example, but a packed row holds several examples; set config.data.pack=0 for DP-SGD.")

@@ -55,6 +55,9 @@ def get_config():
   c.data.answer_format = "none"   # none | letter | number: what exact match compares
   c.data.max_new_tokens = 16      # greedy generation length for exact match
   c.data.max_generate_examples = 0  # 0: generate for every eval example
+  # Instruction training rows of this many tokens, each packed with several whole examples (attention stays
+  # inside each one; positions restart); a batch row then holds several examples. 0: one example per row.
+  c.data.pack = 0
   # Eval batches padded to their own length bucket (a compiled program per bucket), or all to the longest one:
   # one program per eval function. On CPU a causal LM's programs are slow to compile and stay resident.
   c.data.eval_buckets = True

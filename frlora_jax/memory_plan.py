@@ -88,12 +88,17 @@ def abstract_state(config, model: models.Model, params_fn, algorithm, num_client
 def abstract_batches(config, clients: int) -> dict:
   """One round's client batches {column: [clients, local_steps, grad_accum * batch, length]} (int32)."""
   rows = config.optim.grad_accum * config.optim.batch_size
-  shape = (clients, config.fl.local_steps, rows, config.data.max_length)
-  columns = ("input_ids", "attention_mask", "loss_mask") if config.data.kind == "instruction" else (
-      "input_ids", "attention_mask", "token_type_ids")
-  batches = {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in columns}
-  if config.data.kind != "instruction":
+  d = config.data
+  shape = (clients, config.fl.local_steps, rows, d.pack or d.max_length)
+  if d.kind != "instruction":
+    batches = {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in ("input_ids", "attention_mask", "token_type_ids")}
     batches["labels"] = jax.ShapeDtypeStruct(shape[:3], jnp.int32)
+    return batches
+  columns = ("input_ids", "attention_mask", "loss_mask") + (("segment_ids", "positions") if d.pack else ())
+  batches = {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in columns}
+  # The response positions' width depends on the data; every position is the upper bound.
+  responses = shape[:3] + (shape[3] - 1,)
+  batches.update({name: jax.ShapeDtypeStruct(responses, jnp.int32) for name in ("response_positions", "response_weights")})
   return batches
 
 

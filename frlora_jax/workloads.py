@@ -144,9 +144,18 @@ def _masked_chunk_ce(kernel, h, t, m):
 
 
 def _shifted_chunks(hidden, batch, chunk: int):
-  """(hidden, next-token targets, response mask), each [L / chunk, B, chunk, ...]."""
-  targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return tuple(_sequence_chunks(x, chunk) for x in (hidden[:, :-1], targets, mask))
+  """(hidden, next-token targets, response mask), each [L / chunk, B, chunk, ...]; for a training
+  batch with `response_positions` (data.batching.response_positions) only at those positions,
+  so no logits are formed where nothing is trained."""
+  if "response_positions" in batch:
+    where = batch["response_positions"]
+    hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)
+    targets = jnp.take_along_axis(batch["input_ids"], where + 1, axis=1)
+    mask = batch["response_weights"].astype(jnp.float32)
+  else:
+    hidden, targets, mask = hidden[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+  chunk = min(chunk, hidden.shape[1])  # never pad a short sequence up to a whole chunk
+  return tuple(_sequence_chunks(x, chunk) for x in (hidden, targets, mask))
 
 
 def _sequence_chunks(x, chunk: int):

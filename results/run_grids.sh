@@ -7,7 +7,8 @@
 # with the grid's config and flags (see tabulate below), which reads only metrics.jsonl.
 #
 #   bash results/run_grids.sh            # every grid, in the order below
-#   bash results/run_grids.sh bbc_news_all rotten_tomatoes_new   # only these grids
+#   bash results/run_grids.sh rotten_tomatoes_new bbc_news_all    # only these grids, in this order
+#   ONLY=fedex_lora,rolora bash results/run_grids.sh bbc_news_all  # only these algorithms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/grids/jax_cache}"
@@ -39,10 +40,17 @@ sys.exit(0 if any(json.loads(l)["round"] == 10 for l in open(sys.argv[1]) if l.s
 EOF
 }
 
-for entry in "${GRIDS[@]}"; do
+selected=("$@")
+if [[ ${#selected[@]} -eq 0 ]]; then
+  for entry in "${GRIDS[@]}"; do selected+=("${entry%%|*}"); done
+fi
+for wanted in "${selected[@]}"; do
+  entry=""
+  for candidate in "${GRIDS[@]}"; do [[ "${candidate%%|*}" == "$wanted" ]] && entry="$candidate"; done
+  if [[ -z "$entry" ]]; then echo "unknown grid '$wanted'; grids: ${GRIDS[*]%%|*}" >&2; exit 2; fi
   IFS='|' read -r grid config algorithms extra <<<"$entry"
-  if [[ $# -gt 0 && ! " $* " =~ " $grid " ]]; then continue; fi
   for algorithm in ${algorithms//,/ }; do
+    if [[ -n "${ONLY:-}" && ! ",$ONLY," =~ ",$algorithm," ]]; then continue; fi
     for seed in 0 1 2; do
       keep="results/$grid/$algorithm/seed$seed"
       if finished "$keep/metrics.jsonl"; then continue; fi

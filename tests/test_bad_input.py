@@ -73,6 +73,10 @@ def test_bad_jsonl_line(make_config, tmp_path):
     ({"data.max_length": 16}, r"No training record fits config.data.max_length=16"),
     ({"fl.natural_field": "country"}, r"config.fl.natural_field='country' is not a column"),
     ({"data.kind": "chat"}, r"config.data.kind='chat' is unknown"),
+    ({"data.pack": 64}, r"config.data.pack=64 is shorter than config.data.max_length=128"),
+    ({"data.pack": -1}, r"config.data.pack=-1 must be 0 \(off\) or a row length"),
+    ({"data.pack": 256, "dp.mode": "sample", "dp.noise_multiplier": 1.0},
+     r"config.data.pack: sample-level DP .* set config.data.pack=0"),
 ])
 def test_bad_instruction_config_is_refused_with_the_field(make_lm_config, overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -190,18 +190,35 @@ def build_instructions(config, tokenizer) -> FederatedData:
                        f"{len(next(iter(cols.values())))} are longer); raise config.data.max_length.")
   train_cols = _take(train_cols, train.kept)
   parts, names = partition_clients(Examples([], np.zeros(len(train.kept)), train_cols), fl, config.seed)
-  length = batching.bucket_length(max(len(s) for s in train.input_ids), d.max_length)
+  if d.pack:
+    train_arrays, parts = _packed_train(train, parts, d.pack, pad_id, config.seed)
+  else:
+    length = batching.bucket_length(max(len(s) for s in train.input_ids), d.max_length)
+    train_arrays = batching.lm_arrays(train.input_ids, train.loss_mask, length, pad_id)
+  train_arrays.update(batching.response_positions(train_arrays["loss_mask"]))
   generate_rows = np.arange(len(eval_.prompts))[:d.max_generate_examples or None]
   prompts = [eval_.prompts[i] for i in generate_rows]
   return FederatedData(
-      train=batching.lm_arrays(train.input_ids, train.loss_mask, length, pad_id),
-      client_indices=parts, client_names=names,
+      train=train_arrays, client_indices=parts, client_names=names,
       eval_batches=batching.lm_eval_batches(eval_.input_ids, eval_.loss_mask, config.eval_batch_size, d.max_length,
                                             pad_id, d.eval_buckets),
       num_labels=0, label_names=(), metric=d.metric,
       prompt_batches=batching.prompt_batches(prompts, config.eval_batch_size, d.max_length, pad_id, d.eval_buckets)
       if d.answer_format != "none" else [],
       references=[eval_.references[i] for i in generate_rows])
+
+
+def _packed_train(train, parts, length: int, pad_id: int, seed: int):
+  """Each client's examples, in a seeded order, packed into rows of `length` tokens (data.pack):
+  (packed train arrays, each client's packed row indices). A row never mixes clients."""
+  sizes = np.array([len(s) for s in train.input_ids])
+  rows, client_rows = [], []
+  for k, examples in enumerate(parts):
+    order = np.random.default_rng([seed, k]).permutation(np.asarray(examples))
+    packed = batching.pack_examples(sizes, order, length)
+    client_rows.append(np.arange(len(rows), len(rows) + len(packed)))
+    rows.extend(packed)
+  return batching.packed_lm_arrays(train.input_ids, train.loss_mask, rows, length, pad_id), client_rows
 
 
 def build_classification(config, tokenizer) -> FederatedData:

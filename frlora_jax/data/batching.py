@@ -113,3 +113,56 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, max_length: int, p
       mask[i, length - len(seq):] = 1
     batches.append({"input_ids": ids, "attention_mask": mask, "rows": rows})
   return batches
+
+
+def pack_examples(lengths_, order, length: int) -> list[list[int]]:
+  """Greedy packing: examples taken in `order` fill rows of at most `length` tokens; each row
+  is the list of its examples. An example that does not fit the current row starts the next."""
+  rows, current, used = [], [], 0
+  for i in order:
+    n = int(lengths_[i])
+    if current and used + n > length:
+      rows.append(current)
+      current, used = [], 0
+    current.append(int(i))
+    used += n
+  if current:
+    rows.append(current)
+  return rows
+
+
+def packed_lm_arrays(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """lm_arrays for packed rows, plus `segment_ids` (1, 2, ... per example; 0 on padding), which
+  keeps attention inside each example, and `positions`, restarting at 0 for each example."""
+  n = len(rows)
+  out = {name: np.zeros((n, length), np.int32)
+         for name in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
+  out["input_ids"][:] = pad_id
+  for r, members in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(members, 1):
+      end = start + len(ids[i])
+      out["input_ids"][r, start:end] = ids[i]
+      out["attention_mask"][r, start:end] = 1
+      out["loss_mask"][r, start:end] = loss_mask[i]
+      out["segment_ids"][r, start:end] = segment
+      out["positions"][r, start:end] = np.arange(end - start)
+      start = end
+  return out
+
+
+def response_positions(loss_mask: np.ndarray, multiple: int = 8) -> dict[str, np.ndarray]:
+  """Per row, the positions whose next token is a response token ([N, R], R the most in any row,
+  rounded up to `multiple`), with `response_weights` 1 on real entries: the LM loss forms logits
+  only there instead of at every position (prompt and padding logits are never trained)."""
+  targets = loss_mask[:, 1:] > 0
+  counts = targets.sum(-1)
+  width = max(1, int(counts.max()) if len(counts) else 1)
+  width = min(-(-width // multiple) * multiple, loss_mask.shape[1] - 1)
+  positions = np.zeros((len(loss_mask), width), np.int32)
+  weights = np.zeros((len(loss_mask), width), np.int32)
+  for r, row in enumerate(targets):
+    where = np.flatnonzero(row)[:width]
+    positions[r, :len(where)] = where
+    weights[r, :len(where)] = 1
+  return {"response_positions": positions, "response_weights": weights}
