@@ -14,22 +14,23 @@ cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/grids/jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 RECIPE="--config.fl.rounds=10 --config.eval_every=1"
-ALL="frlora,fedavg,ffa_lora,fedprox,scaffold,fedavgm,fedadagrad,fedyogi,fedadam,flora,flexlora,fedsa_lora,fedreg,fedex_lora,rolora,fedsvd,hetlora"
+# the four newer methods first: their rows are new evidence, the others re-runs
+ALL="frlora,fedavg,ffa_lora,fedex_lora,rolora,fedsvd,hetlora,fedprox,scaffold,fedavgm,fedadagrad,fedyogi,fedadam,flora,flexlora,fedsa_lora,fedreg"
 OFFICIAL="fedavgm,fedadagrad,fedyogi,fedadam"
 HET="flora,flexlora,hetlora"
 DP3="frlora,fedavg,ffa_lora"
 DP="--config.dp.mode=sample --config.dp.delta=1e-5 --config.dp.clip_norm=1.0"
 
 # grid | config | algorithms | extra flags
-GRIDS=(
-  "bbc_news_all|configs/demo.py:bbc|$ALL|"
+GRIDS=(  # in the order they run: the newer methods, DP and heterogeneous ranks first (issue evidence)
   "rotten_tomatoes_new|configs/demo.py|fedex_lora,rolora,fedsvd,hetlora|"
-  "bbc_news_official|configs/demo.py:bbc|$OFFICIAL|--config.fl.server_rule=official"
-  "bbc_news_hetranks|configs/demo.py:bbc|$HET|--config.fl.client_ranks=tiers:4,8,16"
-  "rotten_tomatoes_hetranks|configs/demo.py|$HET|--config.fl.client_ranks=tiers:4,8,16"
   "rotten_tomatoes_dp_eps8|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=8"
   "rotten_tomatoes_dp_eps3|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=3"
   "rotten_tomatoes_dp_eps1|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=1"
+  "rotten_tomatoes_hetranks|configs/demo.py|$HET|--config.fl.client_ranks=tiers:4,8,16"
+  "bbc_news_all|configs/demo.py:bbc|$ALL|"
+  "bbc_news_hetranks|configs/demo.py:bbc|$HET|--config.fl.client_ranks=tiers:4,8,16"
+  "bbc_news_official|configs/demo.py:bbc|$OFFICIAL|--config.fl.server_rule=official"
   "rotten_tomatoes_all|configs/demo.py|$ALL|"
 )
 
