@@ -36,7 +36,7 @@ def test_packing_puts_every_example_in_one_row_within_the_length():
 def test_a_packed_row_gives_each_examples_own_loss_and_gradients(scan):
   """Per-example attention (segments) and restarted positions: the packed batch's summed response
   cross-entropy and its LoRA gradients equal those of the examples run one per row."""
-  model = causal_lm.random_causal_lm("llama", hidden=32, layers=3, heads=4, kv_heads=2, vocab=300, max_positions=64,
+  model = causal_lm.random_causal_lm("llama", hidden=32, layers=2, heads=4, kv_heads=2, vocab=300, max_positions=64,
                                      initializer_range=0.2)
   model = dataclasses.replace(model, scan_layers=scan)
   ids, masks = _examples(np.random.default_rng(0), 7)
