@@ -11,7 +11,6 @@ on a GPU preallocates 75% of its memory by default (XLA_PYTHON_CLIENT_MEM_FRACTI
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -38,16 +37,9 @@ def roberta_base(num_labels: int):
                        num_labels=num_labels)
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def plan(path: str) -> dict:
-  from frlora_jax import memory_plan, plan as plan_lib
-  config = load_config(path)
+  from frlora_jax import config_files, memory_plan, plan as plan_lib
+  config = config_files.load(path)
   nlg = config.data.kind == "instruction"
   shape = llama2_7b() if nlg else roberta_base(max(2, int(config.data.get("num_labels", 0) or 2)))
   clients = config.fl.clients_per_round or config.fl.num_clients

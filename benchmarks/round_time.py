@@ -63,23 +63,14 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def load_config_file(spec: str):
-  """get_config(arg) of a config file given as path[:arg], as train.py reads it."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("benchmark_data_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def real_lm_data(args, config):
   """The data config's instruction data, built by the project's data layer with `config`'s clients,
   batch and packing (the model stays the random one of the requested shape)."""
+  from frlora_jax import config_files
   from frlora_jax import data as data_lib
   from frlora_jax.data import instructions
   from frlora_jax.models import load_tokenizer
-  source = load_config_file(args.data_config)
+  source = config_files.load_spec(args.data_config)
   config.data = source.data
   config.data.pack, config.data.max_generate_examples = args.pack, 1
   config.data.max_eval_examples = 8

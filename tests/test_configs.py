@@ -1,21 +1,14 @@
 """Every shipped config file loads without sys.path tricks, passes the checks, and carries its stated settings."""
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from conftest import ROOT
 from frlora_jax import config_checks, recipes
+from frlora_jax.config_files import load
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-
-
-def load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

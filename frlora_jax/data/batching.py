@@ -79,13 +79,26 @@ def eval_batches(encoded, labels, batch_size: int, max_length: int, pad_id: int,
 
 def lm_arrays(ids: list[list[int]], loss_mask: list[list[int]], length: int, pad_id: int) -> dict[str, np.ndarray]:
   """Right-padded [N, length] input_ids, attention_mask and loss_mask for causal-LM training."""
-  n = len(ids)
-  out = {"input_ids": np.full((n, length), pad_id, np.int32), "attention_mask": np.zeros((n, length), np.int32),
-         "loss_mask": np.zeros((n, length), np.int32)}
-  for i, (seq, mask) in enumerate(zip(ids, loss_mask)):
-    out["input_ids"][i, :len(seq)] = seq
-    out["attention_mask"][i, :len(seq)] = 1
-    out["loss_mask"][i, :len(seq)] = mask
+  return _filled_rows(ids, loss_mask, [[i] for i in range(len(ids))], length, pad_id, packed=False)
+
+
+def _filled_rows(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int, packed: bool) -> dict[str, np.ndarray]:
+  """Each row's examples laid end to end from position 0, then padding; with `packed`, also
+  `segment_ids` (1, 2, ... per example; 0 on padding) and `positions` restarting for each example."""
+  names = ("input_ids", "attention_mask", "loss_mask") + (("segment_ids", "positions") if packed else ())
+  out = {name: np.zeros((len(rows), length), np.int32) for name in names}
+  out["input_ids"][:] = pad_id
+  for r, members in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(members, 1):
+      end = start + len(ids[i])
+      out["input_ids"][r, start:end] = ids[i]
+      out["attention_mask"][r, start:end] = 1
+      out["loss_mask"][r, start:end] = loss_mask[i]
+      if packed:
+        out["segment_ids"][r, start:end] = segment
+        out["positions"][r, start:end] = np.arange(end - start)
+      start = end
   return out
 
 
@@ -132,23 +145,9 @@ def pack_examples(lengths_, order, length: int) -> list[list[int]]:
 
 
 def packed_lm_arrays(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """lm_arrays for packed rows, plus `segment_ids` (1, 2, ... per example; 0 on padding), which
-  keeps attention inside each example, and `positions`, restarting at 0 for each example."""
-  n = len(rows)
-  out = {name: np.zeros((n, length), np.int32)
-         for name in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
-  out["input_ids"][:] = pad_id
-  for r, members in enumerate(rows):
-    start = 0
-    for segment, i in enumerate(members, 1):
-      end = start + len(ids[i])
-      out["input_ids"][r, start:end] = ids[i]
-      out["attention_mask"][r, start:end] = 1
-      out["loss_mask"][r, start:end] = loss_mask[i]
-      out["segment_ids"][r, start:end] = segment
-      out["positions"][r, start:end] = np.arange(end - start)
-      start = end
-  return out
+  """lm_arrays for packed rows (each a list of examples), plus `segment_ids`, which keep attention
+  inside each example, and `positions`, restarting at 0 for each example."""
+  return _filled_rows(ids, loss_mask, rows, length, pad_id, packed=True)
 
 
 def response_positions(loss_mask: np.ndarray, multiple: int = 8) -> dict[str, np.ndarray]:
