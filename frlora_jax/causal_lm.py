@@ -260,16 +260,14 @@ def make_hidden_apply(model: Model) -> Callable:
   module, family, hf_config = model.module, model.family, model.hf_config
 
   def hidden_states(m, ids, mask, pos, deterministic):
-    if family == "llama":
-      return m.model(ids, position_ids=pos, attention_mask=mask, deterministic=deterministic)[0]
-    return m.transformer(ids, mask, pos, deterministic=deterministic)[0]
+    return _decoder_hidden(m, family, ids, mask, pos, deterministic)
 
   def apply(params, batch, rng=None, deterministic=True):
     rngs = {} if deterministic or rng is None else {"dropout": rng}
     with _traced_as(model, batch) as pos:
       hidden = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
                             deterministic or rng is None, rngs=rngs, method=hidden_states)
-    if family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True):
+    if _gpt2_tied(family, hf_config):
       kernel = jnp.transpose(params["transformer"]["wte"]["embedding"])
     else:
       kernel = params["lm_head"]["kernel"]
@@ -278,12 +276,37 @@ def make_hidden_apply(model: Model) -> Callable:
   return apply
 
 
-def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
-  """(init_cache(batch, length), step(params, cache, ids, mask, pos) -> (logits, cache)) for decoding.
+def _decoder_hidden(m, family: str, ids, mask, pos, deterministic: bool):
+  """The decoder stack's last hidden state [B, L, H], inside `module.apply(..., method=...)`."""
+  if family == "llama":
+    return m.model(ids, position_ids=pos, attention_mask=mask, deterministic=deterministic)[0]
+  return m.transformer(ids, mask, pos, deterministic=deterministic)[0]
 
-  `mask` spans the whole cache length; the model masks positions not yet written.
+
+def _gpt2_tied(family: str, hf_config) -> bool:
+  return family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True)
+
+
+def _output_logits(m, family: str, hf_config, hidden):
+  """What the LM head module computes from `hidden` (through lm_head, so LoRA on it still applies)."""
+  if _gpt2_tied(family, hf_config):
+    kernel = jnp.transpose(m.transformer.variables["params"]["wte"]["embedding"])
+    return m.lm_head.apply({"params": {"kernel": kernel}}, hidden)
+  return m.lm_head(hidden)
+
+
+def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
+  """(init_cache(batch, length), step(params, cache, ids, mask, pos) -> (logits [B, 1, V], cache)) for decoding.
+
+  `mask` spans the whole cache length; the model masks positions not yet written. Only the last
+  position's logits are formed: greedy decoding reads nothing else, and the prompt's would be a
+  [batch, prompt, vocab] float32 buffer (660 MB for 50 prompts of 67 tokens at SmolLM2's vocabulary).
   """
-  module, family = model.module, model.family
+  module, family, hf_config = model.module, model.family, model.hf_config
+
+  def last_logits(m, ids, mask, pos):
+    hidden = _decoder_hidden(m, family, ids, mask, pos, True)
+    return _output_logits(m, family, hf_config, hidden[:, -1:])
 
   def init_cache(batch_size: int, length: int):
     ids = jnp.ones((batch_size, length), jnp.int32)
@@ -293,8 +316,8 @@ def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
 
   def step(params, cache, ids, mask, pos):
     with model_fixes(family):
-      out, updated = module.apply({"params": params, "cache": cache}, ids, mask, pos, deterministic=True,
-                                  mutable=["cache"])
-    return out.logits, updated["cache"]
+      logits, updated = module.apply({"params": params, "cache": cache}, ids, mask, pos, method=last_logits,
+                                     mutable=["cache"])
+    return logits, updated["cache"]
 
   return init_cache, step
