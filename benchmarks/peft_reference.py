@@ -13,7 +13,9 @@ One round, as OpenFedLLM's main_sft.py: a single PEFT model; per client, load th
 state (set_peft_model_state_dict), a fresh AdamW over the trainable parameters, `steps` steps
 of `bs` rows, read the LoRA state back (get_peft_model_state_dict); then FedAvg of the factors
 (equal weights: equal data). Loss on every token, float32, LoRA dropout 0.05 on q_proj, v_proj
-(alpha = 2 r). The first round is a warm-up; `round_s_median` is over the timed rounds.
+(alpha = 2 r). Gradient checkpointing on, as OpenFedLLM runs by default (its config.py:
+`gradient_checkpointing=True` into TrainingArguments); `--no-gradient_checkpointing` turns it off (the figures
+measured before 2026-12-02 ran without it). The first round is a warm-up; `round_s_median` is over the timed rounds.
 
 With `--examples FILE` (written by `benchmarks/round_time.py --data_config ... --export_examples FILE`)
 the rows are real tokenized instruction examples instead: each step draws `bs` of the client's
@@ -53,6 +55,9 @@ def parse_args(argv=None):
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
   p.add_argument("--examples", default=None, help="JSON of tokenized instruction examples (see above)")
+  p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                 help="OpenFedLLM's default (config.py: gradient_checkpointing=True, passed to TrainingArguments): "
+                      "Trainer's reentrant checkpointing of every decoder layer; --no-gradient_checkpointing: off")
   return p.parse_args(argv)
 
 
@@ -84,6 +89,9 @@ def run(args) -> dict:
   model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
       r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
       task_type="CAUSAL_LM"))
+  if args.gradient_checkpointing:  # what Trainer(gradient_checkpointing=True) and main_sft.py set up
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
   generator = torch.Generator().manual_seed(0)
   batches = real_batches(args, generator) if args.examples else synthetic_batches(args, generator)
   global_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -107,6 +115,8 @@ def run(args) -> dict:
   t0 = time.perf_counter()
   global_state, _ = one_round()
   first = time.perf_counter() - t0
+  # B starts at zero: a nonzero average shows the gradients reached the factors (checkpointing included)
+  assert any(bool(v.abs().sum() > 0) for name, v in global_state.items() if "lora_B" in name), "LoRA did not train"
   times, tokens = [], []
   for _ in range(args.rounds):
     t0 = time.perf_counter()
@@ -115,7 +125,8 @@ def run(args) -> dict:
     tokens.append(trained)
   median = sorted(times)[len(times) // 2]
   return {"reference": "pytorch+peft (OpenFedLLM loop)", "torch": torch.__version__,
-          "examples": args.examples, "response_tokens_per_s": round(sum(tokens) / len(tokens) / median, 2),
+          "examples": args.examples,
+          "gradient_checkpointing": args.gradient_checkpointing, "response_tokens_per_s": round(sum(tokens) / len(tokens) / median, 2),
           "threads": torch.get_num_threads(), "hidden": args.hidden, "layers": args.layers, "seq": args.seq,
           "bs": args.bs, "clients": args.clients, "steps": args.steps, "rank": args.rank,
           "round_s_median": round(median, 3), "round_s_all": [round(t, 3) for t in times],
