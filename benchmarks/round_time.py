@@ -54,8 +54,8 @@ def parse_args(argv=None):
   p.add_argument("--loss_on", choices=["response", "all"], default="response",
                  help="llama: loss on the second half of each row (a response), or on every token")
   p.add_argument("--data_config", default=None,
-                 help="llama: real instruction data, that of this config (e.g. configs/demo_nlg.py or "
-                      "configs/demo_nlg.py:exams), tokenized by its model's tokenizer; --seq is ignored")
+                 help="llama: real instruction data, that of this config (e.g. configs/demo_nlg.py:sarcasm or "
+                      "configs/demo_nlg.py, the exams), tokenized by its model's tokenizer; --seq is ignored")
   p.add_argument("--pack", type=int, default=0, help="with --data_config: config.data.pack (0: one example per row)")
   p.add_argument("--export_examples", default=None,
                  help="with --data_config: also write the tokenized training examples as JSON, for "
