@@ -15,7 +15,7 @@ of `bs` rows, read the LoRA state back (get_peft_model_state_dict); then FedAvg 
 (equal weights: equal data). Loss on every token, float32, LoRA dropout 0.05 on q_proj, v_proj
 (alpha = 2 r). Gradient checkpointing on, as OpenFedLLM runs by default (its config.py:
 `gradient_checkpointing=True` into TrainingArguments); `--no-gradient_checkpointing` turns it off (the figures
-measured before 2026-12-02 ran without it). The first round is a warm-up; `round_s_median` is over the timed rounds.
+in benchmarks/README.md before the 2026-12-02 Intel Xeon table ran without it). The first round is a warm-up; `round_s_median` is over the timed rounds.
 
 With `--examples FILE` (written by `benchmarks/round_time.py --data_config ... --export_examples FILE`)
 the rows are real tokenized instruction examples instead: each step draws `bs` of the client's
