@@ -14,8 +14,9 @@ state (set_peft_model_state_dict), a fresh AdamW over the trainable parameters, 
 of `bs` rows, read the LoRA state back (get_peft_model_state_dict); then FedAvg of the factors
 (equal weights: equal data). Loss on every token, float32, LoRA dropout 0.05 on q_proj, v_proj
 (alpha = 2 r). Gradient checkpointing on, as OpenFedLLM runs by default (its config.py:
-`gradient_checkpointing=True` into TrainingArguments); `--no-gradient_checkpointing` turns it off (the figures
-in benchmarks/README.md before the 2026-12-02 Intel Xeon table ran without it). The first round is a warm-up; `round_s_median` is over the timed rounds.
+`gradient_checkpointing=True` into TrainingArguments); `--no-gradient_checkpointing` turns it off
+(the figures in benchmarks/README.md before the 2026-12-02 Intel Xeon table ran without it).
+The first round is a warm-up; `round_s_median` is over the timed rounds.
 
 With `--examples FILE` (written by `benchmarks/round_time.py --data_config ... --export_examples FILE`)
 the rows are real tokenized instruction examples instead: each step draws `bs` of the client's
@@ -125,8 +126,8 @@ def run(args) -> dict:
     tokens.append(trained)
   median = sorted(times)[len(times) // 2]
   return {"reference": "pytorch+peft (OpenFedLLM loop)", "torch": torch.__version__,
-          "examples": args.examples,
-          "gradient_checkpointing": args.gradient_checkpointing, "response_tokens_per_s": round(sum(tokens) / len(tokens) / median, 2),
+          "examples": args.examples, "gradient_checkpointing": args.gradient_checkpointing,
+          "response_tokens_per_s": round(sum(tokens) / len(tokens) / median, 2),
           "threads": torch.get_num_threads(), "hidden": args.hidden, "layers": args.layers, "seq": args.seq,
           "bs": args.bs, "clients": args.clients, "steps": args.steps, "rank": args.rank,
           "round_s_median": round(median, 3), "round_s_all": [round(t, 3) for t in times],
