@@ -36,6 +36,7 @@ from frlora_jax import run_log
 RESUMABLE_CHANGES = {
     "fl.rounds", "fl.executor", "fl.clients_per_chunk", "eval_every", "eval_batch_size",
     "checkpoint_every", "keep_checkpoints", "data.max_eval_examples", "data.eval_buckets",
+    "client_progress",
 }
 IDENTITY_FILE = "experiment.json"
 

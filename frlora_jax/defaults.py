@@ -15,6 +15,10 @@ def get_config():
   c.eval_batch_size = 64
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
+  # A per-client progress bar in long rounds on a terminal: a host callback compiled into the round
+  # whether or not a terminal is attached. False leaves it out, so the round program can be served
+  # from JAX's persistent compilation cache (JAX never caches a program with a host callback).
+  c.client_progress = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "roberta-base"   # hub id, local dir, or pypi:<pkg>==<ver>/<dir in wheel>

@@ -141,10 +141,11 @@ def initial_server(config, base, head, algorithm: Algorithm) -> ServerState:
 
 
 def build(config, model: Optional[models.Model] = None, data: Optional[data_lib.FederatedData] = None,
-          progress: bool = True) -> Experiment:
+          progress: Optional[bool] = None) -> Experiment:
   """Check the config, load data and model (unless given), initialise; compile nothing yet.
 
-  progress=False: no per-client progress callback in the compiled update (see client.make_local_update).
+  progress: whether the compiled update calls back per client for the progress bar (see
+  client.make_local_update); None: config.client_progress.
   """
   config_checks.check(config)
   return _assemble(config, model, data, progress)
@@ -169,7 +170,8 @@ def with_scan_setting(model: models.Model, config) -> models.Model:
   return dataclasses.replace(model, scan_layers=bool(config.model.scan_layers))
 
 
-def _assemble(config, model, data, progress: bool = True) -> Experiment:
+def _assemble(config, model, data, progress: Optional[bool] = None) -> Experiment:
+  progress = config.client_progress if progress is None else progress
   workload = workloads.for_config(config)
   chunk = clients_per_chunk(config, model)
   if data is None:

@@ -71,7 +71,7 @@ def test_clients_sharded_over_four_cpu_devices_match_one(tiny_model_dir, sentime
   from conftest import ROOT
   script = MULTI_DEVICE.format(tests=os.path.join(ROOT, "tests"),
                                model=tiny_model_dir, data=sentiment_csv)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -108,22 +108,24 @@ def test_dropout_bits_reach_the_client_steps(make_config):
 
 def test_a_terminal_does_not_change_the_round(make_config, monkeypatch):
   """The progress callback is compiled in either way: same losses and model with and without a terminal,
-  and on a terminal the per-client bar sees every client."""
+  and on a terminal the per-client bar sees every client. client_progress=False (no callback) changes
+  nothing either."""
   import sys
   results = []
-  for tty in (False, True):
+  for tty, progress in ((False, True), (True, True), (True, False)):
     monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
-    exp = experiment.build(make_config())
+    exp = experiment.build(make_config(client_progress=progress))
     exp.client_bar.start(exp.num_clients, last_round_s=1e6)  # a long previous round: show the bar
     state, record = experiment.run_round(exp, exp.init_state(), 0)
     ticks = exp.client_bar.bar.n if exp.client_bar.bar is not None else None
     exp.client_bar.stop()
     results.append((record["client_losses"], [np.asarray(x) for x in jax.tree_util.tree_leaves(state.server)]))
-    assert ticks == (exp.num_clients if tty else None)
-  (losses_plain, leaves_plain), (losses_tty, leaves_tty) = results
-  assert losses_plain == losses_tty
-  for a, b in zip(leaves_plain, leaves_tty):
-    np.testing.assert_array_equal(a, b)
+    assert ticks == ((exp.num_clients if progress else 0) if tty else None)
+  (losses_plain, leaves_plain), *others = results
+  for losses, leaves in others:
+    assert losses == losses_plain
+    for a, b in zip(leaves_plain, leaves):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_init_and_round_streams_are_separate():

@@ -31,7 +31,7 @@ def _config_file(tmp_path, tiny_model_dir, sentiment_csv) -> str:
 
 
 def _start(config_file, workdir, port, process_id, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1")
   return subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "train.py"), "--config", config_file, "--workdir", str(workdir),
