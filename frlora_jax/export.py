@@ -23,7 +23,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from frlora_jax import causal_lm, checkpoint, lora as lora_lib, models
+from frlora_jax import causal_lm, checkpoint, lora as lora_lib, models, workloads
 
 
 def torch_name(path: tuple) -> str:
@@ -68,9 +68,10 @@ def _save_classifier(config, merged, merged_dir):
 def _save_causal_lm(config, merged, merged_dir):
   """save_pretrained of the merged causal LM (HF Flax layout) and its tokenizer."""
   from transformers import FlaxAutoModelForCausalLM
-  model = causal_lm.load_causal_lm(config.model.name)
+  model = causal_lm.load_causal_lm(config.model.name, separate_head=workloads.targets_lm_head(config))
   hf_model = FlaxAutoModelForCausalLM.from_config(model.hf_config, _do_init=False)
-  hf_model.save_pretrained(merged_dir, params=jax_to_numpy(causal_lm.to_hf_layout(model.family, merged)))
+  hf_params = causal_lm.tie_lm_head(model.family, model.hf_config, causal_lm.to_hf_layout(model.family, merged))
+  hf_model.save_pretrained(merged_dir, params=jax_to_numpy(hf_params))  # FlaxLlama needs its lm_head copy
   model.tokenizer.save_pretrained(merged_dir)
   return model.params, "CAUSAL_LM", model.family == "gpt2"  # GPT-2's Conv1D stores [in, out]
 

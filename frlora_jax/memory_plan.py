@@ -68,7 +68,8 @@ def abstract_model(config, hf_config) -> tuple[models.Model, Any]:
   def params():
     p = architecture.init_weights(jax.random.PRNGKey(0), (1, 8))
     if config.data.kind == "instruction":
-      p = causal_lm.to_lora_layout(family, causal_lm.tie_lm_head(family, hf_config, p))
+      p = causal_lm.drop_tied_head(family, hf_config, causal_lm.to_lora_layout(family, p),
+                                   keep=workloads.targets_lm_head(config))
     return p
 
   model = models.Model(architecture.module, None, family, hf_config, None, config.model.name)

@@ -105,9 +105,9 @@ def _ce_sum_and_hidden_grad(kernel, hidden_chunks, target_chunks, mask_chunks):
 
   def one_chunk(xs):
     h, t, m = xs
-    logits = _chunk_logits(kernel, h)
+    logits = kernel.logits(h)
     dlogits = (jax.nn.softmax(logits) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * m[..., None]
-    return _masked_ce(logits, t, m).sum(), jnp.matmul(dlogits.astype(h.dtype), kernel.astype(h.dtype).T)
+    return _masked_ce(logits, t, m).sum(), kernel.hidden_grad(dlogits.astype(h.dtype))
 
   sums, grads = jax.lax.map(one_chunk, (hidden_chunks, target_chunks, mask_chunks))
   return sums.sum(), grads
@@ -129,18 +129,13 @@ def _fused_ce_sum_backward(hidden_grad, g):
 _fused_ce_sum.defvjp(_fused_ce_sum_forward, _fused_ce_sum_backward)
 
 
-def _chunk_logits(kernel, h):
-  """One chunk's logits: lm_head in the compute dtype, logits in float32."""
-  return jnp.matmul(h, kernel.astype(h.dtype)).astype(jnp.float32)
-
-
 def _masked_ce(logits, t, m):
   return optax.softmax_cross_entropy_with_integer_labels(logits, t) * m
 
 
 def _masked_chunk_ce(kernel, h, t, m):
   """[B, chunk] cross-entropy of one chunk's next tokens t, times the response mask m."""
-  return _masked_ce(_chunk_logits(kernel, h), t, m)
+  return _masked_ce(kernel.logits(h), t, m)
 
 
 def _shifted_chunks(hidden, batch, chunk: int):
@@ -181,7 +176,7 @@ def response_loss(logits, batch):
 
 def _load_causal_lm(config, data) -> models.Model:
   return causal_lm.load_causal_lm(config.model.name, dtype_of(config.model.dtype),
-                                  weights.dtype_of(config.model.param_dtype))
+                                  weights.dtype_of(config.model.param_dtype), separate_head=targets_lm_head(config))
 
 
 def _lm_evaluator(config, model, data, apply_fn, scale: float):
@@ -235,10 +230,15 @@ def response_tokens(batch):
   return batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
 
 
+def targets_lm_head(config) -> bool:
+  """Whether LoRA targets the output layer itself."""
+  return any(re.search(p, "lm_head") for p in config.lora.targets)
+
+
 def lean_logits_chunk(config) -> int:
   """Positions per logits chunk (model.logits_chunk), or 0 for full logits: off when LoRA targets the output
   layer itself, which the lean loss computes from the last hidden state without it."""
-  if any(re.search(p, "lm_head") for p in config.lora.targets):
+  if targets_lm_head(config):
     return 0
   return config.model.logits_chunk
 

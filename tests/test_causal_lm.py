@@ -85,10 +85,30 @@ def test_rope_theta_is_honoured():
   np.testing.assert_allclose(float(table[5, 0, 1]), expected_sin, rtol=1e-5)
 
 
-def test_tied_llama_gets_its_lm_head_from_the_embedding():
+def test_a_tied_llama_keeps_one_output_matrix():
+  """No lm_head copy of a tied embedding: the logits (full, chunked, one position of a KV-cache step) are
+  what FlaxLlama computes with lm_head = embedding^T, which is what an export writes back for HF."""
   model = _tiny("llama", tie=True)
-  np.testing.assert_array_equal(np.asarray(model.params["lm_head"]["kernel"]),
+  assert "lm_head" not in model.params
+  with_copy = causal_lm.tie_lm_head("llama", model.hf_config, model.params)
+  np.testing.assert_array_equal(np.asarray(with_copy["lm_head"]["kernel"]),
                                 np.asarray(model.params["model"]["embed_tokens"]["embedding"]).T)
+  assert "lm_head" in causal_lm.drop_tied_head("llama", model.hf_config, with_copy, keep=True)  # LoRA on lm_head
+  batch = _batch()
+  apply = causal_lm.make_apply(model)
+  tied, copied = apply(model.params, batch), apply(with_copy, batch)
+  np.testing.assert_allclose(np.asarray(tied), np.asarray(copied), atol=1e-5, rtol=1e-5)
+  hidden, kernel = causal_lm.make_hidden_apply(model)(model.params, batch)
+  assert kernel.vocab_major and kernel.weight.shape == (97, 32)
+  np.testing.assert_allclose(np.asarray(kernel.logits(hidden)), np.asarray(copied), atol=1e-5, rtol=1e-5)
+  ones = jnp.ones_like(tied)
+  _, copied_kernel = causal_lm.make_hidden_apply(model)(with_copy, batch)
+  np.testing.assert_allclose(np.asarray(kernel.hidden_grad(ones)), np.asarray(copied_kernel.hidden_grad(ones)),
+                             atol=1e-5, rtol=1e-5)
+  init_cache, step = causal_lm.make_cached_apply(model)
+  last, _ = step(model.params, init_cache(3, 12), batch["input_ids"], batch["attention_mask"],
+                 causal_lm.positions(batch["attention_mask"]))
+  np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(copied[:, -1]), atol=1e-5, rtol=1e-5)
 
 
 def test_gguf_unpermute_inverts_llama_cpp_permutation():

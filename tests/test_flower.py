@@ -89,7 +89,7 @@ def test_missing_flower_is_named(monkeypatch):
 
 def _config_file(tmp_path, tiny_model_dir, sentiment_csv) -> str:
   return tiny_config_file(tmp_path / "tiny_config.py", tiny_model_dir, sentiment_csv,
-                          **{"fl.num_clients": 2, "fl.rounds": 3, "optim.lr": 2e-2})
+                          **{"fl.num_clients": 2, "fl.rounds": 2, "optim.lr": 2e-2})
 
 
 def _no_process_left(marker: str):
@@ -98,7 +98,7 @@ def _no_process_left(marker: str):
 
 
 def test_local_deployment_frlora_matches_simulation(tmp_path, tiny_model_dir, sentiment_csv, make_config):
-  """`python -m frlora_jax.flower.local`: SuperLink + 2 SuperNodes, FRLoRA for 3 rounds; FRLoRA's nodes
+  """`python -m frlora_jax.flower.local`: SuperLink + 2 SuperNodes, FRLoRA for 2 rounds; FRLoRA's nodes
   receive the averaged factors and head (its `downloads`), never the residual base."""
   config_file = _config_file(tmp_path, tiny_model_dir, sentiment_csv)
   workdir = tmp_path / "flower_run"
@@ -112,29 +112,29 @@ def test_local_deployment_frlora_matches_simulation(tmp_path, tiny_model_dir, se
   _no_process_left(str(workdir))
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   config = make_config()
-  config.fl.num_clients, config.fl.rounds, config.optim.lr, config.fl.algorithm = 2, 3, 2e-2, "frlora"
+  config.fl.num_clients, config.fl.rounds, config.optim.lr, config.fl.algorithm = 2, 2, 2e-2, "frlora"
   experiment.run(config, str(tmp_path / "sim"))
   _assert_same_run(tmp_path / "sim", workdir)
   wire = _records(workdir / "flower.jsonl")
   comm = _records(workdir / "metrics.jsonl")[-1]["communication"]
-  assert [r["download_array_bytes"] for r in wire[1:]] == [[comm["download_per_client"] + 20] * 2] * 2
+  assert [r["download_array_bytes"] for r in wire[1:]] == [[comm["download_per_client"] + 20] * 2]
 
 
 def test_deployment_fedavg_matches_simulation_and_names_a_crashed_client(tmp_path, make_config):
-  """FedAvg for 3 rounds over 2 SuperNodes equals the simulation; extended to 4 rounds (a resume: nodes get
-  a snapshot) the node of client 1 fails in round 4: the run stops with its node id, nothing hangs, and
-  round 3's checkpoint stays."""
+  """FedAvg for 2 rounds over 2 SuperNodes equals the simulation; extended to 3 rounds (a resume: nodes get
+  a snapshot) the node of client 1 fails in round 3: the run stops with its node id, nothing hangs, and
+  round 2's checkpoint stays."""
   config = make_config()
-  config.fl.num_clients, config.fl.rounds, config.optim.lr, config.fl.algorithm = 2, 3, 2e-2, "fedavg"
+  config.fl.num_clients, config.fl.rounds, config.optim.lr, config.fl.algorithm = 2, 2, 2e-2, "fedavg"
   experiment.run(config, str(tmp_path / "sim"))
   workdir = str(tmp_path / "flower_run")
-  with local.Deployment(os.path.join(workdir, "flower"), 2, extra_node_config={1: "crash-in-round=3"}) as nodes:
+  with local.Deployment(os.path.join(workdir, "flower"), 2, extra_node_config={1: "crash-in-round=2"}) as nodes:
     code = nodes.run_app(local.prepare(config, workdir, timeout=300))
     local.check_outcome(workdir, code)
     _assert_same_run(tmp_path / "sim", workdir)
-    config.fl.rounds = 4
+    config.fl.rounds = 3
     code = nodes.run_app(local.prepare(config, workdir, timeout=300))
   _no_process_left(workdir)
-  with pytest.raises(RuntimeError, match=r"Round 4: client 1 \(node \d+\) failed: .*crash-in-round=3"):
+  with pytest.raises(RuntimeError, match=r"Round 3: client 1 \(node \d+\) failed: .*crash-in-round=2"):
     local.check_outcome(workdir, code)
-  assert [r["round"] for r in _records(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
+  assert [r["round"] for r in _records(os.path.join(workdir, "metrics.jsonl"))] == [1, 2]
