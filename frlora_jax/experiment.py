@@ -480,6 +480,8 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
   weight_bytes = host_memory.tree_bytes(state.server.base)
   if config.eval_before_training and start == 0 and not history:
     record = {"round": 0, "algorithm": exp.algorithm.name, "eval": evaluate(exp, state.server), "clients": []}
+    if host_memory.worth_it(weight_bytes):
+      jax.clear_caches()  # nothing of the round is compiled yet: the evaluation's programs leave no code resident
     host_memory.release(weight_bytes)
     history.append(record)
     log.write(record)

@@ -27,6 +27,21 @@ def test_frlora_on_tiny_llama_learns_and_logs_before_and_after(make_lm_config, t
   assert os.path.exists(os.path.join(tmp_path, "curves.png"))
 
 
+def test_freeing_host_memory_changes_no_result(make_lm_config, tmp_path, monkeypatch):
+  """What a big model's run does between phases (gc and malloc_trim; dropping the pre-training evaluation's
+  compiled programs, so they are not resident while the round runs) leaves every logged number unchanged."""
+  from frlora_jax import host_memory
+  config = make_lm_config(**{"fl.rounds": 1, "eval_before_training": True, "eval_every": 1})
+  plain = experiment.run(config, str(tmp_path / "plain"))
+  cleared = []
+  monkeypatch.setattr(host_memory, "WORTH_IT_BYTES", 0)  # the tiny model counts as big
+  monkeypatch.setattr(jax, "clear_caches", lambda clear=jax.clear_caches: cleared.append(clear()))
+  freed = experiment.run(config, str(tmp_path / "freed"))
+  assert cleared
+  for a, b in zip(plain, freed):
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
 def test_resume_continues_an_lm_run_exactly(make_lm_config, tmp_path):
   config = make_lm_config(**{"fl.rounds": 3, "fl.clients_per_round": 2, "fl.algorithm": "fedavg",
                              "keep_checkpoints": 3})
