@@ -435,9 +435,7 @@ def communication_bytes(algorithm: Algorithm, trainable, clients_per_round: int)
   Parts: 'lora', 'lora_a', 'lora_b', 'head'; 'control' (SCAFFOLD's control variates,
   the size of lora + head); 'lora_stacked' (FLoRA: every sampled client's factors).
   """
-  def nbytes(tree):
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
-
+  nbytes = host_memory.tree_bytes
   lora_b, lora_a = lora_lib.split_factors(trainable["lora"], "a")
   sizes = {"lora": nbytes(trainable["lora"]), "head": nbytes(trainable["head"]), "lora_a": nbytes(lora_a),
            "lora_b": nbytes(lora_b)}

@@ -45,5 +45,5 @@ def release(weight_bytes: int) -> None:
 
 
 def tree_bytes(tree) -> int:
-  """Bytes of a pytree's arrays (`release`'s measure of a model)."""
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
+  """Bytes of a pytree of arrays or ShapeDtypeStructs (`release`'s measure of a model, the planner's of state)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frlora_jax import algorithms, causal_lm, client, experiment, models, weights, workloads
+from frlora_jax.host_memory import tree_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,6 @@ class Compiled:
     m = compiled.memory_analysis()
     return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
                int(m.temp_size_in_bytes))
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _architecture(config, hf_config):
