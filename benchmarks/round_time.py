@@ -57,6 +57,8 @@ def parse_args(argv=None):
                  help="llama: real instruction data, that of this config (e.g. configs/demo_nlg.py:sarcasm or "
                       "configs/demo_nlg.py, the exams), tokenized by its model's tokenizer; --seq is ignored")
   p.add_argument("--pack", type=int, default=0, help="with --data_config: config.data.pack (0: one example per row)")
+  p.add_argument("--shared_prefix", action="store_true",
+                 help="with --pack: config.data.shared_prefix (the examples' common prefix once per row)")
   p.add_argument("--export_examples", default=None,
                  help="with --data_config: also write the tokenized training examples as JSON, for "
                       "benchmarks/peft_reference.py --examples")
@@ -73,6 +75,7 @@ def real_lm_data(args, config):
   source = config_files.load_spec(args.data_config)
   config.data = source.data
   config.data.pack, config.data.max_generate_examples = args.pack, 1
+  config.data.shared_prefix = args.shared_prefix
   config.data.max_eval_examples = 8
   tokenizer = load_tokenizer(source.model.name)
   if args.export_examples:
@@ -223,7 +226,7 @@ def run(args) -> dict:
       "client_steps_per_s": round(args.clients * args.steps / round_s, 3),
       "tokens_per_s": round(args.clients * args.steps * args.grad_accum * args.bs * seq / round_s, 1),
       "response_tokens_per_s": round(float(np.mean(response_tokens)) / round_s, 2) if response_tokens else None,
-      "data_config": args.data_config, "pack": args.pack, "row_length": seq,
+      "data_config": args.data_config, "pack": args.pack, "shared_prefix": args.shared_prefix, "row_length": seq,
       "round_gflop": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / round_s / 1e9, 2),
       "matmul_gflop_per_s": round(peak / 1e9, 2), "mfu": round(flops / round_s / peak, 3),
       "peak_rss_mb": round(peak_rss_mb, 1),

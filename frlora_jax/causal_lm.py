@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from frlora_jax import scan_layers
+from frlora_jax.data.batching import SHARED_PREFIX_SEGMENT
 from frlora_jax.models import Model, resolve_model_dir
 
 CAUSAL_FAMILIES = ("llama", "gpt2")
@@ -100,12 +101,14 @@ def packed_segments(segment_ids):
 def lean_attention_weights(query, key, bias=None, *args, **kwargs):
   """flax's dot_product_attention_weights under JAX's custom-JVP softmax: the backward pass keeps the
   attention probabilities only (the default softmax also keeps their unnormalised exp). In a packed
-  batch, keys of other segments are masked as HF masks padding (bias: finfo.min)."""
+  batch, keys of other segments are masked as HF masks padding (bias: finfo.min), except a row's shared
+  prefix (data.shared_prefix), which every example sees."""
   from flax.linen.attention import dot_product_attention_weights
   if _SEGMENTS:
     segments = _SEGMENTS[-1]
     same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, q, k]
-    bias = jnp.where(same, bias, jnp.finfo(bias.dtype).min)
+    visible = same | (segments == SHARED_PREFIX_SEGMENT)[:, None, None, :]
+    bias = jnp.where(visible, bias, jnp.finfo(bias.dtype).min)
   with jax.softmax_custom_jvp(True):
     return dot_product_attention_weights(query, key, bias, *args, **kwargs)
 

@@ -113,6 +113,9 @@ def check_instruction(config) -> None:
   if data.pack and data.pack < data.max_length:
     raise ValueError(f"config.data.pack={data.pack} is shorter than config.data.max_length={data.max_length}, so "
                      f"the longest kept example would not fit a packed row; set pack >= max_length.")
+  if data.shared_prefix and not data.pack:
+    raise ValueError("config.data.shared_prefix=True lays the shared prefix once per packed row; it needs "
+                     "config.data.pack (e.g. 256). Set config.data.pack or config.data.shared_prefix=False.")
   if data.pack and config.dp.mode == "sample":
     raise ValueError("config.data.pack: sample-level DP (config.dp.mode='sample') clips per row and accounts per "
                      "example, but a packed row holds several examples; set config.data.pack=0 for DP-SGD.")

@@ -62,6 +62,10 @@ def get_config():
   # Instruction training rows of this many tokens, each packed with several whole examples (attention stays
   # inside each one; positions restart); a batch row then holds several examples. 0: one example per row.
   c.data.pack = 0
+  # With pack: the token prefix every training example shares (system prompt, template) is laid once at the
+  # start of each packed row, and every example there attends to it. The same loss and gradients as copies of it
+  # in each example (the prefix's hidden states do not depend on what follows), in fewer tokens.
+  c.data.shared_prefix = False
   # Eval batches padded to their own length bucket (a compiled program per bucket), or all to the longest one:
   # one program per eval function. On CPU a causal LM's programs are slow to compile and stay resident.
   c.data.eval_buckets = True

@@ -75,6 +75,7 @@ def test_bad_jsonl_line(make_config, tmp_path):
     ({"data.kind": "chat"}, r"config.data.kind='chat' is unknown"),
     ({"data.pack": 64}, r"config.data.pack=64 is shorter than config.data.max_length=128"),
     ({"data.pack": -1}, r"config.data.pack=-1 must be 0 \(off\) or a row length"),
+    ({"data.shared_prefix": True}, r"config.data.shared_prefix=True .* needs config.data.pack"),
     ({"data.pack": 256, "dp.mode": "sample", "dp.noise_multiplier": 1.0},
      r"config.data.pack: sample-level DP .* set config.data.pack=0"),
 ])

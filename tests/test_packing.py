@@ -59,6 +59,51 @@ def test_a_packed_row_gives_each_examples_own_loss_and_gradients(scan):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_shared_prefix_laid_once_per_row_gives_each_examples_own_loss_and_gradients(scan):
+  """data.shared_prefix: examples that start with the same tokens (a system prompt) share one copy of them
+  per packed row; the summed response cross-entropy and LoRA gradients equal the examples run one per row."""
+  model = causal_lm.random_causal_lm("llama", hidden=32, layers=2, heads=4, kv_heads=2, vocab=300, max_positions=64,
+                                     initializer_range=0.2)
+  model = dataclasses.replace(model, scan_layers=scan)
+  rng = np.random.default_rng(4)
+  rest, masks = _examples(rng, 7)
+  system = rng.integers(3, 300, size=6).tolist()
+  ids, masks = [system + r for r in rest], [[0] * 6 + m for m in masks]
+  prefix = batching.shared_prefix_length(ids, masks)
+  assert prefix == 6  # the random remainders share no first token
+  sizes = [len(s) - prefix for s in ids]
+  rows = batching.pack_examples(sizes, np.arange(7), 32 - prefix)
+  shared = batching.packed_lm_arrays(ids, masks, rows, 32, pad_id=0, prefix=prefix)
+  shared.update(batching.response_positions(shared["loss_mask"]))
+  assert (shared["segment_ids"][:, :prefix] == batching.SHARED_PREFIX_SEGMENT).all()
+  assert shared["attention_mask"].sum() == sum(len(s) for s in ids) - prefix * (len(ids) - len(rows))
+  single = batching.lm_arrays(ids, masks, 24, pad_id=0)
+  base, _ = lora.split_tree(model.params, model.head_patterns)
+  hidden = causal_lm.make_hidden_apply(model)
+
+  def summed_loss(tree, batch):
+    with lora.interceptor(tree, 2.0):
+      return workloads.chunked_response_loss(hidden(base, batch), batch, 8) * batch["loss_mask"][:, 1:].sum()
+
+  tree = _lora_tree(base)
+  (value_p, grads_p), (value_s, grads_s) = (jax.value_and_grad(summed_loss)(tree, b) for b in (shared, single))
+  np.testing.assert_allclose(float(value_p), float(value_s), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads_s)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  hidden_only = {**shared, "segment_ids": np.where(shared["segment_ids"] < 0, 99, shared["segment_ids"])}
+  assert abs(float(summed_loss(tree, hidden_only)) - float(value_p)) > 1e-3  # the examples do read the prefix
+
+
+def test_the_shared_prefix_stops_before_the_first_response_target():
+  """A prefix position predicts the next token for every example in the row at once, so it may only
+  predict a prompt token: the shared prefix ends before the earliest response."""
+  ids = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 4, 3]]
+  assert batching.shared_prefix_length(ids, [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]]) == 3
+  assert batching.shared_prefix_length(ids, [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]]) == 4
+  assert batching.shared_prefix_length([[5, 6], [7, 6]], [[0, 1], [0, 1]]) == 0
+
+
 def test_without_segments_packed_examples_would_see_each_other():
   """The segment mask is what keeps examples apart: dropping it changes the loss."""
   model = causal_lm.random_causal_lm("llama", hidden=32, layers=2, heads=4, vocab=300, max_positions=64,
@@ -113,6 +158,24 @@ def test_packed_run_trains_and_keeps_clients_apart(make_lm_config, tmp_path):
   assert examples == len(unpacked.train["input_ids"])  # packing keeps every training example once
   records = experiment.run(config, str(tmp_path))
   assert records[-1]["eval"]["loss"] < records[0]["eval"]["loss"] - 0.5
+
+
+def test_shared_prefix_through_the_data_layer_keeps_every_example_in_fewer_rows(make_lm_config):
+  """data.shared_prefix on the exam questions (one system prompt): every row starts with it, each example's
+  remainder follows with positions continuing from it, and the same examples fill fewer rows."""
+  from frlora_jax import data as data_lib
+  from frlora_jax.models import load_tokenizer
+  tokenizer = load_tokenizer(make_lm_config().model.name)
+  plain = data_lib.build(make_lm_config(**{"data.pack": 256}), tokenizer).train
+  shared = data_lib.build(make_lm_config(**{"data.pack": 256, "data.shared_prefix": True}), tokenizer).train
+  prefix = int((shared["segment_ids"][0] == batching.SHARED_PREFIX_SEGMENT).sum())
+  assert prefix > 10
+  assert (shared["input_ids"][:, :prefix] == plain["input_ids"][0, :prefix]).all()
+  first = shared["segment_ids"] == 1
+  assert shared["positions"][first].min() == prefix  # each example continues from the shared prefix
+  count = lambda t: sum(int(row.max()) for row in t["segment_ids"])
+  assert count(shared) == count(plain) and len(shared["input_ids"]) < len(plain["input_ids"])
+  assert shared["loss_mask"].sum() == plain["loss_mask"].sum()
 
 
 def test_packing_is_refused_for_a_family_without_the_attention_fix():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from absl import logging
 
 from frlora_jax.data import batching, instructions, partition, sources, tasks
 from frlora_jax.data.partition import PARTITIONS
@@ -191,7 +192,8 @@ def build_instructions(config, tokenizer) -> FederatedData:
   train_cols = _take(train_cols, train.kept)
   parts, names = partition_clients(Examples([], np.zeros(len(train.kept)), train_cols), fl, config.seed)
   if d.pack:
-    train_arrays, parts = _packed_train(train, parts, d.pack, pad_id, config.seed)
+    prefix = batching.shared_prefix_length(train.input_ids, train.loss_mask) if d.shared_prefix else 0
+    train_arrays, parts = _packed_train(train, parts, d.pack, pad_id, config.seed, prefix)
   else:
     length = batching.bucket_length(max(len(s) for s in train.input_ids), d.max_length)
     train_arrays = batching.lm_arrays(train.input_ids, train.loss_mask, length, pad_id)
@@ -208,17 +210,21 @@ def build_instructions(config, tokenizer) -> FederatedData:
       references=[eval_.references[i] for i in generate_rows])
 
 
-def _packed_train(train, parts, length: int, pad_id: int, seed: int):
-  """Each client's examples, in a seeded order, packed into rows of `length` tokens (data.pack):
-  (packed train arrays, each client's packed row indices). A row never mixes clients."""
-  sizes = np.array([len(s) for s in train.input_ids])
+def _packed_train(train, parts, length: int, pad_id: int, seed: int, prefix: int = 0):
+  """Each client's examples, in a seeded order, packed into rows of `length` tokens (data.pack), each row
+  starting with the `prefix` tokens all examples share (data.shared_prefix; 0: none): (packed train arrays,
+  each client's packed row indices). A row never mixes clients."""
+  sizes = np.array([len(s) for s in train.input_ids]) - prefix
   rows, client_rows = [], []
   for k, examples in enumerate(parts):
     order = np.random.default_rng([seed, k]).permutation(np.asarray(examples))
-    packed = batching.pack_examples(sizes, order, length)
+    packed = batching.pack_examples(sizes, order, length - prefix)
     client_rows.append(np.arange(len(rows), len(rows) + len(packed)))
     rows.extend(packed)
-  return batching.packed_lm_arrays(train.input_ids, train.loss_mask, rows, length, pad_id), client_rows
+  if prefix:
+    logging.info("data.shared_prefix: the %d tokens every training example starts with are laid once per packed "
+                 "row (%d rows, %.1f examples each).", prefix, len(rows), len(train.input_ids) / max(1, len(rows)))
+  return batching.packed_lm_arrays(train.input_ids, train.loss_mask, rows, length, pad_id, prefix), client_rows
 
 
 def build_classification(config, tokenizer) -> FederatedData:

@@ -82,24 +82,50 @@ def lm_arrays(ids: list[list[int]], loss_mask: list[list[int]], length: int, pad
   return _filled_rows(ids, loss_mask, [[i] for i in range(len(ids))], length, pad_id, packed=False)
 
 
-def _filled_rows(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int, packed: bool) -> dict[str, np.ndarray]:
+SHARED_PREFIX_SEGMENT = -1  # segment id of a packed row's shared prefix: every example in the row attends to it
+
+
+def _filled_rows(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int, packed: bool,
+                 prefix: int = 0) -> dict[str, np.ndarray]:
   """Each row's examples laid end to end from position 0, then padding; with `packed`, also
-  `segment_ids` (1, 2, ... per example; 0 on padding) and `positions` restarting for each example."""
+  `segment_ids` (1, 2, ... per example; 0 on padding) and `positions` restarting for each example.
+  With `prefix` > 0 (the first `prefix` tokens of every example are the same), a row starts with those
+  tokens once (segment SHARED_PREFIX_SEGMENT) and holds each example's remainder, positions from `prefix`."""
   names = ("input_ids", "attention_mask", "loss_mask") + (("segment_ids", "positions") if packed else ())
   out = {name: np.zeros((len(rows), length), np.int32) for name in names}
   out["input_ids"][:] = pad_id
   for r, members in enumerate(rows):
     start = 0
+    if prefix:
+      out["input_ids"][r, :prefix] = ids[members[0]][:prefix]
+      out["attention_mask"][r, :prefix] = 1
+      out["segment_ids"][r, :prefix] = SHARED_PREFIX_SEGMENT
+      out["positions"][r, :prefix] = np.arange(prefix)
+      start = prefix
     for segment, i in enumerate(members, 1):
-      end = start + len(ids[i])
-      out["input_ids"][r, start:end] = ids[i]
+      end = start + len(ids[i]) - prefix
+      out["input_ids"][r, start:end] = ids[i][prefix:]
       out["attention_mask"][r, start:end] = 1
-      out["loss_mask"][r, start:end] = loss_mask[i]
+      out["loss_mask"][r, start:end] = loss_mask[i][prefix:]
       if packed:
         out["segment_ids"][r, start:end] = segment
-        out["positions"][r, start:end] = np.arange(end - start)
+        out["positions"][r, start:end] = np.arange(prefix, prefix + end - start)
       start = end
   return out
+
+
+def shared_prefix_length(ids: list[list[int]], loss_mask: list[list[int]]) -> int:
+  """How many leading tokens every example shares and can share in a packed row: the common token prefix,
+  cut so that its last position predicts a prompt token (at a shared position only one target fits)."""
+  if not ids:
+    return 0
+  first = np.asarray(ids[0])
+  common = min(len(s) for s in ids)
+  for seq in ids[1:]:
+    same = first[:common] == np.asarray(seq[:common])
+    common = int(np.argmin(same)) if not same.all() else common
+  first_response = min(int(np.argmax(np.asarray(m) > 0)) if any(m) else len(m) for m in loss_mask)
+  return max(0, min(common, first_response - 1))
 
 
 def lm_eval_batches(ids, loss_mask, batch_size: int, max_length: int, pad_id: int,
@@ -144,10 +170,12 @@ def pack_examples(lengths_, order, length: int) -> list[list[int]]:
   return rows
 
 
-def packed_lm_arrays(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+def packed_lm_arrays(ids, loss_mask, rows: list[list[int]], length: int, pad_id: int,
+                     prefix: int = 0) -> dict[str, np.ndarray]:
   """lm_arrays for packed rows (each a list of examples), plus `segment_ids`, which keep attention
-  inside each example, and `positions`, restarting at 0 for each example."""
-  return _filled_rows(ids, loss_mask, rows, length, pad_id, packed=True)
+  inside each example, and `positions`, restarting at 0 for each example (or continuing a shared
+  `prefix` laid once per row: see _filled_rows)."""
+  return _filled_rows(ids, loss_mask, rows, length, pad_id, packed=True, prefix=prefix)
 
 
 def response_positions(loss_mask: np.ndarray, multiple: int = 8) -> dict[str, np.ndarray]:
