@@ -24,6 +24,26 @@ def _lora_tree(base):
   return lora.map_lora(lambda e: {"a": e["a"], "b": e["b"] + 0.05}, lora.init_kaiming(jax.random.PRNGKey(0), targets, 4))
 
 
+def _summed_loss(model):
+  """(LoRA tree -> batch -> summed response cross-entropy) on `model`'s base, and a LoRA tree to take it at."""
+  base, _ = lora.split_tree(model.params, model.head_patterns)
+  hidden = causal_lm.make_hidden_apply(model)
+
+  def summed_loss(tree, batch):
+    with lora.interceptor(tree, 2.0):
+      return workloads.chunked_response_loss(hidden(base, batch), batch, 8) * batch["loss_mask"][:, 1:].sum()
+
+  return summed_loss, _lora_tree(base)
+
+
+def _assert_same_loss_and_gradients(summed_loss, tree, batch, reference):
+  (value, grads), (value_r, grads_r) = (jax.value_and_grad(summed_loss)(tree, b) for b in (batch, reference))
+  np.testing.assert_allclose(float(value), float(value_r), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  return float(value)
+
+
 def test_packing_puts_every_example_in_one_row_within_the_length():
   sizes = np.array([5, 9, 3, 7, 16, 2, 8])
   rows = batching.pack_examples(sizes, np.arange(len(sizes)), 16)
@@ -45,18 +65,7 @@ def test_a_packed_row_gives_each_examples_own_loss_and_gradients(scan):
   packed.update(batching.response_positions(packed["loss_mask"]))
   single = batching.lm_arrays(ids, masks, 16, pad_id=0)
   assert packed["input_ids"].shape[0] < single["input_ids"].shape[0]
-  base, _ = lora.split_tree(model.params, model.head_patterns)
-  hidden = causal_lm.make_hidden_apply(model)
-
-  def summed_loss(tree, batch):
-    with lora.interceptor(tree, 2.0):
-      return workloads.chunked_response_loss(hidden(base, batch), batch, 8) * batch["loss_mask"][:, 1:].sum()
-
-  tree = _lora_tree(base)
-  (value_p, grads_p), (value_s, grads_s) = (jax.value_and_grad(summed_loss)(tree, b) for b in (packed, single))
-  np.testing.assert_allclose(float(value_p), float(value_s), rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads_s)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  _assert_same_loss_and_gradients(*_summed_loss(model), packed, single)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -79,18 +88,8 @@ def test_a_shared_prefix_laid_once_per_row_gives_each_examples_own_loss_and_grad
   assert (shared["segment_ids"][:, :prefix] == batching.SHARED_PREFIX_SEGMENT).all()
   assert shared["attention_mask"].sum() == sum(len(s) for s in ids) - prefix * (len(ids) - len(rows))
   single = batching.lm_arrays(ids, masks, 24, pad_id=0)
-  base, _ = lora.split_tree(model.params, model.head_patterns)
-  hidden = causal_lm.make_hidden_apply(model)
-
-  def summed_loss(tree, batch):
-    with lora.interceptor(tree, 2.0):
-      return workloads.chunked_response_loss(hidden(base, batch), batch, 8) * batch["loss_mask"][:, 1:].sum()
-
-  tree = _lora_tree(base)
-  (value_p, grads_p), (value_s, grads_s) = (jax.value_and_grad(summed_loss)(tree, b) for b in (shared, single))
-  np.testing.assert_allclose(float(value_p), float(value_s), rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads_s)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  summed_loss, tree = _summed_loss(model)
+  value_p = _assert_same_loss_and_gradients(summed_loss, tree, shared, single)
   hidden_only = {**shared, "segment_ids": np.where(shared["segment_ids"] < 0, 99, shared["segment_ids"])}
   assert abs(float(summed_loss(tree, hidden_only)) - float(value_p)) > 1e-3  # the examples do read the prefix
 
