@@ -8,6 +8,8 @@ config.data.eval_buckets False, all to the longest batch's bucket: one shape).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -119,11 +121,7 @@ def shared_prefix_length(ids: list[list[int]], loss_mask: list[list[int]]) -> in
   cut so that its last position predicts a prompt token (at a shared position only one target fits)."""
   if not ids:
     return 0
-  first = np.asarray(ids[0])
-  common = min(len(s) for s in ids)
-  for seq in ids[1:]:
-    same = first[:common] == np.asarray(seq[:common])
-    common = int(np.argmin(same)) if not same.all() else common
+  common = len(os.path.commonprefix([list(s) for s in ids]))  # element-wise: works on token lists
   first_response = min(int(np.argmax(np.asarray(m) > 0)) if any(m) else len(m) for m in loss_mask)
   return max(0, min(common, first_response - 1))
 
