@@ -101,13 +101,16 @@ def check_instruction(config) -> None:
     raise ValueError(f"config.data.metric={data.metric!r} is a classification metric; instruction data reports "
                      f"{' or '.join(LM_METRICS)}.")
   if data.metric == "exact_match" and data.answer_format == "none":
-    raise ValueError("config.data.metric='exact_match' needs config.data.answer_format 'letter' or 'number'.")
+    raise ValueError("config.data.metric='exact_match' needs config.data.answer_format 'letter', 'number' or 'word'.")
   if not data.messages_field and not (data.instruction_field and data.response_field):
     raise ValueError("config.data: instruction data needs config.data.messages_field, or "
                      "config.data.instruction_field and config.data.response_field.")
   if fl.partition == "dirichlet":
     raise ValueError("config.fl.partition='dirichlet' needs class labels; instruction data uses 'iid' or 'natural'.")
   _positive(data.max_new_tokens, "config.data.max_new_tokens")
+  if not isinstance(data.prompt_max_tokens, int) or data.prompt_max_tokens < 0:
+    raise ValueError(f"config.data.prompt_max_tokens={data.prompt_max_tokens!r} must be 0 (whole user turns) or "
+                     f"a token count to cut each user turn to.")
   if not isinstance(data.pack, int) or data.pack < 0:
     raise ValueError(f"config.data.pack={data.pack!r} must be 0 (off) or a row length in tokens.")
   if data.pack and data.pack < data.max_length:

@@ -56,7 +56,9 @@ def get_config():
   c.data.response_field = ""      # the assistant's answer (appended after messages_field if both)
   c.data.reference_field = ""     # reference for exact match (default: the response)
   c.data.template = "auto"        # auto (chat template if the tokenizer has one) | chat | alpaca
-  c.data.answer_format = "none"   # none | letter | number: what exact match compares
+  c.data.system_prompt = ""       # a system message put first in every record without one (the task's instruction)
+  c.data.prompt_max_tokens = 0    # each user turn cut to its first N tokens (0: whole); over max_length still left out
+  c.data.answer_format = "none"   # none | letter | number | word: what exact match compares
   c.data.max_new_tokens = 16      # greedy generation length for exact match
   c.data.max_generate_examples = 0  # 0: generate for every eval example
   # Instruction training rows of this many tokens, each packed with several whole examples (attention stays

@@ -210,7 +210,7 @@ def _lm_evaluator(config, model, data, apply_fn, scale: float):
     if data.prompt_batches:
       texts = generate_texts(base, lora, head)
       result["exact_match"] = instructions.exact_match(texts, data.references, answer_format)
-      result["answered"] = float(np.mean([bool(instructions.extract_answer(t, answer_format)) for t in texts]))
+      result["answered"] = instructions.answered(texts, data.references, answer_format)
     return result
 
   def generate_texts(base, lora, head) -> list[str]:

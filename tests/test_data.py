@@ -53,20 +53,21 @@ def test_eval_batches_have_fixed_rows_and_few_shapes(make_config, tmp_path):
   assert data.train["input_ids"].shape[1] == 32  # longest train example (27 tokens) -> bucket 32, not 64
 
 
-def test_one_eval_shape_pads_every_batch_to_the_longest_bucket():
+def test_one_eval_shape_pads_every_batch_to_the_longest_row_rounded_to_16():
   sizes = [3, 5, 20, 40, 7, 2]  # buckets 16 and 64 when each batch of 2 gets its own
   ids = [[1] * n for n in sizes]
   masks = [[0] * (n - 1) + [1] for n in sizes]
   per_bucket = batching.lm_eval_batches(ids, masks, 2, 128, pad_id=0)
   one = batching.lm_eval_batches(ids, masks, 2, 128, pad_id=0, buckets=False)
   assert sorted({b["input_ids"].shape[1] for b in per_bucket}) == [16, 64]
-  assert {b["input_ids"].shape for b in one} == {(2, 64)}
-  for a, b in zip(per_bucket, one):  # the same rows in the same order, only padded further
-    width = a["input_ids"].shape[1]
-    np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"][:, :width])
-    assert b["loss_mask"][:, width:].sum() == 0
+  assert {b["input_ids"].shape for b in one} == {(2, 48)}  # 40 rounded up to 16s, not its bucket 64
+  for a, b in zip(per_bucket, one):  # the same rows in the same order, only padded differently
+    width = min(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    np.testing.assert_array_equal(a["loss_mask"][:, :width], b["loss_mask"][:, :width])
+    assert a["loss_mask"][:, width:].sum() == 0 and b["loss_mask"][:, width:].sum() == 0
   prompts = batching.prompt_batches(ids, 2, 128, pad_id=0, buckets=False)
-  assert {p["input_ids"].shape for p in prompts} == {(2, 64)}
+  assert {p["input_ids"].shape for p in prompts} == {(2, 48)}
+  assert {b["input_ids"].shape for b in batching.lm_eval_batches(ids, masks, 2, 44, 0, buckets=False)} == {(2, 44)}
   assert sorted(int(r) for p in prompts for r in p["rows"]) == list(range(len(sizes)))
   assert all((p["attention_mask"][:, -1] == 1).all() for p in prompts)  # left-padded: every prompt ends last
 

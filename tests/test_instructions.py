@@ -11,7 +11,7 @@ from frlora_jax.data import build, instructions, sources
 
 def _fields(**kw):
   d = ml_collections.ConfigDict(dict(messages_field="", instruction_field="", input_field="", response_field="",
-                                     reference_field="", template="auto"))
+                                     reference_field="", template="auto", system_prompt="", prompt_max_tokens=0))
   d.update(kw)
   return d
 
@@ -62,12 +62,52 @@ def test_over_long_records_are_left_out_not_truncated():
   assert enc.kept.tolist() == [0] and len(enc.input_ids) == 1
 
 
+def test_system_prompt_and_prompt_cut_turn_a_labelled_corpus_into_instructions():
+  """A text/label corpus (BBC News) becomes chat records: the task's instruction as the system turn, the
+  document's opening as the user turn, the label as the response (the offline NLG demo's recipe)."""
+  tok = byte_tokenizer()
+  article = "Markets rally. " + "Shares rose sharply on Monday as investors cheered the results. " * 5
+  columns = {"text": [article, "Cup final tonight."], "label": ["business", "sports"]}
+  d = _fields(instruction_field="text", response_field="label", system_prompt="Which topic? One word.",
+              prompt_max_tokens=24)
+  enc = instructions.encode(tok, columns, d, 512)
+  assert enc.kept.tolist() == [0, 1]  # the long article is cut, not left out
+  first, second = (tok.decode(p) for p in enc.prompts)
+  assert first.count("Which topic? One word.") == 1 and second.count("Which topic? One word.") == 1
+  assert "Markets rally. Shares r" in first and "investors" not in first  # its first 24 byte tokens only
+  assert "Cup final tonight." in second  # shorter than the cut: whole
+  assert tok.decode(np.array(enc.input_ids[1])[np.array(enc.loss_mask[1]) == 1]).startswith("sports")
+  # The system prompt comes first, and every record shares it: the packed rows' shared prefix.
+  from frlora_jax.data import batching
+  prefix = batching.shared_prefix_length(enc.input_ids, enc.loss_mask)
+  assert "Which topic? One word." in tok.decode(enc.input_ids[0][:prefix])
+  # Without the options, the same record is left out (longer than max_length) and has no system turn.
+  plain = instructions.encode(tok, columns, _fields(instruction_field="text", response_field="label"), 128)
+  assert plain.kept.tolist() == [1] and "Which topic" not in tok.decode(plain.prompts[0])
+
+
+def test_a_record_with_its_own_system_turn_keeps_it():
+  tok = byte_tokenizer()
+  record = [{"role": "system", "content": "Own rules."}, {"role": "user", "content": "hi"}]
+  enc = instructions.encode(tok, {"m": [record], "a": ["yo"]},
+                            _fields(messages_field="m", response_field="a", system_prompt="Default rules."), 512)
+  assert "Own rules." in tok.decode(enc.prompts[0]) and "Default rules." not in tok.decode(enc.prompts[0])
+
+
 @pytest.mark.parametrize("text,fmt,expected", [
+    ("Sports.", "word", "sports"), (" Tech, surely", "word", "tech"), ("...", "word", ""),
     ("Reasoning... so the answer is [C].", "letter", "C"), ("B. because", "letter", "B"), ("[d]", "letter", "D"),
     ("I think so", "letter", ""), ("The answer is: 1,234", "number", "1234"), ("x = 2.50", "number", "2.5"),
     ("no digits", "number", "")])
 def test_extract_answer(text, fmt, expected):
   assert instructions.extract_answer(text, fmt) == expected
+
+
+def test_answered_counts_answers_in_the_tasks_form():
+  assert instructions.answered(["[A]", "no idea", "B"], ["[A]"] * 3, "letter") == pytest.approx(2 / 3)
+  # word answers count only when they are one of the references' words (a class name)
+  assert instructions.answered(["Sports!", "The article", "tech"], ["sports", "tech", "tech"], "word") \
+      == pytest.approx(2 / 3)
 
 
 def test_exact_match_never_credits_an_empty_answer():

@@ -57,3 +57,20 @@ def test_smollm2_from_gguf_is_sane_and_answers_a_question():
   generate = generation.make_generate(model, 1.0, 12, tok.eos_token_id, tok.pad_token_id)
   answer = generation.decode(tok, generate(model.params, {}, prompt_ids, jnp.ones_like(prompt_ids)), tok.eos_token_id)
   assert "Paris" in answer[0]
+
+
+def test_news_nlg_demo_data_from_the_bbc_wheel():
+  """configs/demo_nlg.py (news): BBC News as instructions, tokenized by the real SmolLM2 tokenizer."""
+  from frlora_jax import config_files, data
+  config = config_files.load("configs/demo_nlg.py")
+  tokenizer = models.load_tokenizer(config.model.name)
+  fed = data.build_instructions(config, tokenizer)
+  labels = {"business", "entertainment", "politics", "sports", "tech"}
+  assert set(fed.references) == labels and len(fed.references) == 200
+  prompt = tokenizer.decode(fed.prompt_batches[0]["input_ids"][-1])
+  assert prompt.count(config.data.system_prompt) == 1 and prompt.rstrip().endswith("assistant")
+  rows = fed.train["input_ids"]
+  assert rows.shape[1] == 256 and sum(len(p) for p in fed.client_indices) == len(rows)
+  # every packed row opens with the shared system prompt, once, and holds several articles
+  assert all(config.data.system_prompt in tokenizer.decode(r[:64]) for r in rows[:5])
+  assert tokenizer.decode(rows[0]).count("<|im_start|>assistant") >= 3

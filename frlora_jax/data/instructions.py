@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 TEMPLATES = ("auto", "chat", "alpaca")
-ANSWER_FORMATS = ("none", "letter", "number")
+ANSWER_FORMATS = ("none", "letter", "number", "word")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
@@ -59,10 +59,27 @@ def to_messages(columns: dict, d, row: int) -> list[dict]:
       user = f"{user}\n\n{extra}"
     messages = [{"role": "user", "content": user},
                 {"role": "assistant", "content": str(columns[d.response_field][row])}]
+  if d.system_prompt and messages[0]["role"] != "system":
+    messages.insert(0, {"role": "system", "content": d.system_prompt})
   if not messages or messages[-1]["role"] != "assistant":
     raise ValueError(f"Record {row} does not end with an assistant response; set config.data.response_field "
                      f"to the column holding the answer.")
   return messages
+
+
+def truncate_user_turns(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
+  """Each user turn cut to its first `max_tokens` tokens (data.prompt_max_tokens): a long document's
+  opening (a news article's headline and lead) as the prompt, instead of the record being left out."""
+  if not max_tokens:
+    return messages
+  out = []
+  for m in messages:
+    if m["role"] == "user":
+      ids = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+      if len(ids) > max_tokens:
+        m = {**m, "content": tokenizer.decode(ids[:max_tokens])}
+    out.append(m)
+  return out
 
 
 def use_chat_template(tokenizer, template: str) -> bool:
@@ -122,7 +139,7 @@ def encode(tokenizer, columns: dict, d, max_length: int) -> Encoded:
   out = Encoded([], [], [], [], np.zeros(0, np.int64))
   kept = []
   for row in range(n):
-    messages = to_messages(columns, d, row)
+    messages = truncate_user_turns(tokenizer, to_messages(columns, d, row), d.prompt_max_tokens)
     ids, mask = tokenize_segments(tokenizer, segments(tokenizer, messages, chat))
     if len(ids) > max_length or not any(mask):
       continue
@@ -139,7 +156,8 @@ def encode(tokenizer, columns: dict, d, max_length: int) -> Encoded:
 
 
 def extract_answer(text: str, answer_format: str) -> str:
-  """The answer in a generated or reference text: a choice letter, or the last number."""
+  """The answer in a generated or reference text: a choice letter, the last number, or the first word
+  (lower-cased, letters and digits only: a class name)."""
   if answer_format == "letter":
     bracketed = re.search(r"\[\s*([A-Ea-e])\s*\]", text)
     if bracketed:
@@ -156,7 +174,20 @@ def extract_answer(text: str, answer_format: str) -> str:
     except ValueError:
       return value
     return str(int(number)) if number == int(number) else repr(number)
+  if answer_format == "word":
+    word = re.search(r"[^\W_]+", text)
+    return word.group(0).lower() if word else ""
   return text.strip()
+
+
+def answered(generated: list[str], references: list[str], answer_format: str) -> float:
+  """Fraction of generations that give an answer in the task's form: a letter or a number, or for `word`
+  (a class name) one of the words the references answer with."""
+  answers = [extract_answer(g, answer_format) for g in generated]
+  if answer_format == "word":
+    labels = {extract_answer(r, answer_format) for r in references}
+    return float(np.mean([a in labels for a in answers])) if answers else 0.0
+  return float(np.mean([bool(a) for a in answers])) if answers else 0.0
 
 
 def exact_match(generated: list[str], references: list[str], answer_format: str) -> float:
