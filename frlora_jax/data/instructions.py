@@ -59,11 +59,11 @@ def to_messages(columns: dict, d, row: int) -> list[dict]:
       user = f"{user}\n\n{extra}"
     messages = [{"role": "user", "content": user},
                 {"role": "assistant", "content": str(columns[d.response_field][row])}]
-  if d.system_prompt and messages[0]["role"] != "system":
-    messages.insert(0, {"role": "system", "content": d.system_prompt})
   if not messages or messages[-1]["role"] != "assistant":
     raise ValueError(f"Record {row} does not end with an assistant response; set config.data.response_field "
                      f"to the column holding the answer.")
+  if d.system_prompt and messages[0]["role"] != "system":
+    messages.insert(0, {"role": "system", "content": d.system_prompt})
   return messages
 
 
