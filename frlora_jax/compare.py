@@ -59,19 +59,37 @@ def summarise(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], target: fl
   return rows, target
 
 
+def privacy_summary(last_records: list[dict]) -> dict:
+  """For private runs (every seed's last record logs `privacy`): the largest final epsilon over
+  seeds, its delta and each seed's noise multiplier (derived per partition from a target epsilon,
+  so it differs by seed). Empty for runs without DP."""
+  logged = [r.get("privacy") for r in last_records]
+  if not logged or any(p is None for p in logged):
+    return {}
+  return {"epsilon": max(p["epsilon"] for p in logged), "delta": logged[0]["delta"],
+          "noise_multipliers": " ".join(f"{p['noise_multiplier']:.3g}" for p in logged)}
+
+
 def write_results(rows: list[dict], target: float, metric: str, title: str, folder: str) -> None:
+  fields = list(dict.fromkeys(field for r in rows for field in r))
   with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(f, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
+  private = "epsilon" in fields
   lines = [f"### {title}", "",
-           f"| algorithm | seeds | final {metric} | best {metric} | rounds to {metric} >= {target:.3f} |",
-           "|---|---|---|---|---|"]
+           f"| algorithm | seeds | final {metric} | best {metric} | rounds to {metric} >= {target:.3f} |"
+           + (" final epsilon (delta) | noise multiplier per seed |" if private else ""),
+           "|---|---|---|---|---|" + ("---|---|" if private else "")]
   for r in rows:
     reach = (f"{r['rounds_to_target_mean']:.1f} ({r['seeds_reaching_target']}/{r['seeds']} seeds)"
              if r["seeds_reaching_target"] else f"not reached (0/{r['seeds']})")
+    privacy = ""
+    if private:
+      privacy = (f" {r['epsilon']:.3f} ({r['delta']:g}) | {r['noise_multipliers']} |" if "epsilon" in r
+                 else " no DP | |")
     lines.append(f"| {r['algorithm']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
-                 f"{r['best_mean']:.4f} ± {r['best_std']:.4f} | {reach} |")
+                 f"{r['best_mean']:.4f} ± {r['best_std']:.4f} | {reach} |" + privacy)
   with open(os.path.join(folder, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n\nmean ± sample std over seeds.\n")
 
@@ -83,9 +101,9 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
   report_only: run nothing; tabulate the runs already finished (all `rounds` logged).
   """
   from frlora_jax import experiment, plots, run_log
-  curves = {}
+  curves, last_records = {}, {}
   for name in algorithm_names:
-    curves[name] = []
+    curves[name], last_records[name] = [], []
     for seed in seeds:
       run_config = config.copy_and_resolve_references()
       run_config.fl.algorithm, run_config.seed = name, seed
@@ -99,6 +117,7 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
       if report_only and not any(r["round"] == config.fl.rounds for r in records):
         continue
       curves[name].append(eval_curve(records, config.data.metric))
+      last_records[name].append(records[-1])
     if not curves[name]:
       del curves[name]
   if not distributed.is_main():
@@ -106,6 +125,8 @@ def compare(config, algorithm_names: list[str], seeds: list[int], workdir: str, 
   if not curves:
     raise ValueError(f"No finished run under {workdir}; run without --report_only first.")
   rows, target = summarise(curves, target)
+  for row in rows:
+    row.update(privacy_summary(last_records[row["algorithm"]]))
   title = (f"{config.data.task} | {config.model.name} | {config.fl.num_clients} clients, "
            f"{config.fl.partition}" + (f"({config.fl.dirichlet_beta})" if config.fl.partition == "dirichlet" else "")
            + f", {config.fl.rounds} rounds x {config.fl.local_steps} local steps, seeds {seeds}")
