@@ -429,20 +429,37 @@ def _put(tree, ids, values):
   return None if tree is None else jax.tree_util.tree_map(lambda x, v: x.at[ids].set(v), tree, values)
 
 
-def communication_bytes(algorithm: Algorithm, trainable, clients_per_round: int) -> dict[str, int]:
-  """Bytes one client uploads and downloads per round under the algorithm.
+def communication_bytes(algorithm: Algorithm, trainable, num_clients: int, ranks=None) -> dict:
+  """Bytes each of a round's clients uploads and downloads under the algorithm, and the round's total.
 
-  Parts: 'lora', 'lora_a', 'lora_b', 'head'; 'control' (SCAFFOLD's control variates,
-  the size of lora + head); 'lora_stacked' (FLoRA: every sampled client's factors).
+  Parts: 'lora', 'lora_a', 'lora_b', 'head'; 'control' (SCAFFOLD's control variates, the size of
+  lora + head); 'lora_stacked' (FLoRA: the factors of every one of the round's clients).
+  ranks: the LoRA ranks the round's clients trained at, when they differ (config.fl.client_ranks);
+  then the per-client figures are lists in the round's client order. A rank-r_k client moves r_k
+  of the r_max components: it uploads only those it trained, and under 'truncate' (FLoRA, FlexLoRA,
+  HetLoRA) downloads only those too; under 'freeze' (FRLoRA) it downloads the whole global factors,
+  since it starts from them. LoRA bytes scale with the rank, the head's do not.
   """
   nbytes = host_memory.tree_bytes
   lora_b, lora_a = lora_lib.split_factors(trainable["lora"], "a")
-  sizes = {"lora": nbytes(trainable["lora"]), "head": nbytes(trainable["head"]), "lora_a": nbytes(lora_a),
-           "lora_b": nbytes(lora_b)}
-  sizes["control"] = sizes["lora"] + sizes["head"]
-  sizes["lora_stacked"] = sizes["lora"] * clients_per_round
-  return {"upload_per_client": sum(sizes[p] for p in algorithm.uploads),
-          "download_per_client": sum(sizes[p] for p in algorithm.downloads)}
+  full = {"lora": nbytes(trainable["lora"]), "lora_a": nbytes(lora_a), "lora_b": nbytes(lora_b)}
+  max_rank = lora_lib.rank_of(trainable["lora"])
+  round_ranks = [max_rank] * num_clients if ranks is None else [int(r) for r in ranks]
+
+  def client_bytes(parts, rank):
+    sizes = {name: size * rank // max_rank for name, size in full.items()}
+    sizes["head"] = nbytes(trainable["head"])
+    sizes["control"] = full["lora"] + sizes["head"]
+    sizes["lora_stacked"] = full["lora"] * sum(round_ranks) // max_rank
+    return sum(sizes[p] for p in parts)
+
+  whole = algorithm.rank_heterogeneity != "truncate"
+  up = [client_bytes(algorithm.uploads, r) for r in round_ranks]
+  down = [client_bytes(algorithm.downloads, max_rank if whole else r) for r in round_ranks]
+  total = sum(up) + sum(down)
+  if ranks is None:
+    return {"upload_per_client": up[0], "download_per_client": down[0], "total": total}
+  return {"upload_per_client": up, "download_per_client": down, "total": total}
 
 
 # ----- the run -----
@@ -471,8 +488,6 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
   exp = dataclasses.replace(exp, initial_server=None)  # the run's state owns the base from here on
   start = int(state.round)
   log = run_log.RunLog(workdir, config, history, write=distributed.is_main())
-  comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
-                             config.fl.clients_per_round or exp.num_clients)
   accountant = privacy.accountant(exp.config, exp.client_counts, exp.config.dp.noise_multiplier)
   records, logged = [], state
   weight_bytes = host_memory.tree_bytes(state.server.base)
@@ -491,6 +506,9 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
         t0 = time.time()
         exp.client_bar.start(config.fl.clients_per_round or exp.num_clients, last_round_s)
         updates = local_updates(exp, state, r)  # an interrupt here saves `logged`, untouched so far
+        comm = communication_bytes(exp.algorithm, {"lora": state.server.lora, "head": state.server.head},
+                                   len(updates.ids), None if state.client_ranks is None
+                                   else np.asarray(state.client_ranks)[updates.ids])  # before `state` is donated
         with interrupts.deferred(f"Interrupt received: finishing round {r + 1}'s server step, eval and log, "
                                  f"then saving."):
           state, record = commit_round(exp, state, updates, r, in_place=True)  # `logged`'s buffers now `state`'s
@@ -500,8 +518,7 @@ def run(config, workdir: str, model: Optional[models.Model] = None,
             if exp.algorithm.personal_trees is not None:
               record["eval_personal"] = evaluate_personal(exp, state)
           record["seconds"] = last_round_s = round(time.time() - t0, 4)
-          record["communication"] = dict(comm, total=(comm["upload_per_client"] + comm["download_per_client"])
-                                         * len(record["clients"]))
+          record["communication"] = comm
           if accountant is not None:
             record["privacy"] = accountant.record(r + 1 if accountant.mode == "client" else
                                                   participations(config, exp.num_clients, r + 1))

@@ -150,3 +150,41 @@ def test_heterogeneous_rounds_run_and_log_ranks(make_config):
   assert seen[0] == [1, 2, 4]  # round 1 starts from B = 0: no tail to shrink yet
   assert all(b <= a for prev, cur in zip(seen, seen[1:]) for a, b in zip(prev, cur))
   assert sum(seen[-1]) < sum(seen[0])  # lambda = 1 shrinks a tail within two rounds
+
+
+def test_communication_counts_each_clients_own_rank():
+  """A rank-r_k client moves r_k of the r_max components: both ways under 'truncate', up only under
+  'freeze' (FRLoRA starts from the whole global factors); the head's bytes do not scale; equal ranks
+  keep the one figure per client."""
+  trainable = {"lora": lora.init_kaiming(jax.random.PRNGKey(0), {p: (D_IN, D_OUT) for p in TARGETS}, R_MAX),
+               "head": {"kernel": jnp.zeros((D_OUT, 3), jnp.float32)}}
+  per_rank = len(TARGETS) * (D_IN + D_OUT) * 4   # float32 bytes of one component of A and B, every target
+  head = D_OUT * 3 * 4
+  ranks_of_round = [1, 2, 4]
+  het = experiment.communication_bytes(hetlora(), trainable, 3, np.asarray(ranks_of_round))
+  assert het["upload_per_client"] == het["download_per_client"] == [r * per_rank + head for r in ranks_of_round]
+  assert het["total"] == 2 * sum(het["upload_per_client"])
+  from frlora_jax.algorithms.flora import flora
+  from frlora_jax.algorithms.frlora import frlora
+  stacked = experiment.communication_bytes(flora(lora_scale=1.0), trainable, 3, np.asarray(ranks_of_round))
+  assert stacked["download_per_client"] == [sum(ranks_of_round) * per_rank + head] * 3  # every client's factors
+  frozen = experiment.communication_bytes(frlora(lora_scale=1.0, aggregation="factors"), trainable, 3,
+                                          np.asarray(ranks_of_round))
+  assert frozen["upload_per_client"] == het["upload_per_client"]
+  assert frozen["download_per_client"] == [R_MAX * per_rank + head] * 3
+  equal = experiment.communication_bytes(hetlora(), trainable, 3)
+  assert equal == {"upload_per_client": R_MAX * per_rank + head, "download_per_client": R_MAX * per_rank + head,
+                   "total": 6 * (R_MAX * per_rank + head)}
+
+
+def test_a_heterogeneous_run_logs_each_clients_bytes(make_config, tmp_path):
+  records = experiment.run(make_config(**{"fl.algorithm": "flexlora", "fl.client_ranks": "1,2,4", "fl.rounds": 1}),
+                           str(tmp_path))
+  comm, clients = records[-1]["communication"], records[-1]["clients"]
+  assert records[-1]["client_ranks"] == [[1, 2, 4][k] for k in clients]
+  up = comm["upload_per_client"]
+  assert len(up) == len(clients) and comm["download_per_client"] == up  # 'truncate': the same r_k both ways
+  by_rank = {[1, 2, 4][k]: u for k, u in zip(clients, up)}
+  component = by_rank[2] - by_rank[1]  # the bytes of one rank component (A column, B row, every target)
+  assert component > 0 and by_rank[4] - by_rank[1] == 3 * component
+  assert comm["total"] == 2 * sum(up)
