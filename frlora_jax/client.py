@@ -162,15 +162,19 @@ def make_local_update(model_loss: Callable, *, tx: optax.GradientTransformation,
 
     def add_micro_batch(total, xs):
       micro_batch, key = xs
+      weights = micro_batch.pop("example_weights", jnp.ones((batch_size,), jnp.float32))  # 0: a small client's filler
       losses, grads = jax.vmap(one_example)(micro_batch, jax.random.split(key, batch_size))
-      return (total[0] + losses.sum(), jax.tree_util.tree_map(lambda t, g: t + g.sum(0), total[1], grads)), None
+      weighted = lambda t, g: t + jnp.tensordot(weights, g.astype(jnp.float32), axes=1)
+      return (total[0] + weights @ losses, jax.tree_util.tree_map(weighted, total[1], grads), total[2] + weights.sum()), None
 
     k_examples, k_noise = jax.random.split(rng)
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), trained))
-    (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, (micro, jax.random.split(k_examples, grad_accum)))
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), trained),
+             jnp.zeros((), jnp.float32))
+    (loss, grads, examples), _ = jax.lax.scan(add_micro_batch, zeros, (dict(micro), jax.random.split(k_examples, grad_accum)))
     noise = privacy.gaussian_like(grads, k_noise, noise_multiplier * clip_norm)
+    # divided by the step's rows, a constant (not by the examples present, which depend on the data)
     grads = jax.tree_util.tree_map(lambda g, z, p: ((g + z) / rows).astype(p.dtype), grads, noise, trained)
-    return with_penalty(loss / rows, grads, trained, frozen, client)  # no data in the penalty: no privacy cost
+    return with_penalty(loss / jnp.maximum(examples, 1.0), grads, trained, frozen, client)  # no data in the penalty
 
   if dp_sample is not None:
     grad_fn = private_value_and_grad

@@ -201,7 +201,8 @@ def _assemble(config, model, data, progress: Optional[bool] = None) -> Experimen
       train_batches=round_data.RoundBatches(data.train, data.client_indices, seed=config.seed,
                                             steps=config.fl.local_steps,
                                             rows_per_step=config.optim.grad_accum * config.optim.batch_size,
-                                            on_device=not distributed.active()),
+                                            on_device=not distributed.active(),
+                                            distinct=config.dp.mode == "sample"),
       train_clients=client.make_executor(config.fl.executor, local_update, chunk, shard=shard),
       evaluate_model=evaluate_model, predict=predict, client_bar=client_bar)
 

@@ -12,9 +12,13 @@ config.dp.mode:
   guarantee is per client (all of its data).
 
 Epsilon at dp.delta comes from Google's `dp-accounting` (RDP accountant) for the Poisson-subsampled
-Gaussian mechanism: sampling rate rows/n_k per local step ('sample'; rows are drawn by shuffling
-here, the usual approximation) or m/K per round ('client'). `dp.target_epsilon` > 0 derives
-sigma before training so that the whole run ends at that epsilon.
+Gaussian mechanism: sampling rate rows/n_k per local step ('sample') or m/K per round ('client').
+'sample' steps take rows distinct examples drawn without replacement (round_data.draw_rows), so an
+example adds at most one clipped gradient to a step; accounting that fixed-size batch as Poisson
+sampling at the same rate is the usual approximation (Opacus without Poisson sampling, TF Privacy),
+not an exact bound. A client with fewer examples than rows uses every one of them each step (the
+empty rows weigh 0; its sampling rate is 1).
+`dp.target_epsilon` > 0 derives sigma before training so that the whole run ends at that epsilon.
 """
 from __future__ import annotations
 

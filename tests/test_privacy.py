@@ -68,6 +68,25 @@ def test_dp_sgd_step_is_the_mean_of_clipped_per_example_gradients():
   assert float(privacy.global_norm(step)) <= CLIP + 1e-6
 
 
+def test_dp_sgd_filler_rows_of_a_small_client_add_nothing():
+  """Rows weighted 0 (a client with fewer examples than a step's rows) add no gradient; the sum is still
+  divided by the step's rows, a constant."""
+  update, model_loss = _toy_update(noise_multiplier=0.0, loss_scale=10.0)
+  start = _random_tree(jax.random.PRNGKey(3))
+  c = _client(start)
+  real = 5
+  weighted = c.replace(batches=dict(c.batches, example_weights=jnp.asarray([[1.0] * real + [0.0] * (ROWS - real)])))
+  out = update({"base": {}}, weighted)
+  per_example = [privacy.clip(jax.grad(model_loss)(start, {}, jax.tree_util.tree_map(lambda x: x[0, i:i + 1],
+                                                                                     c.batches), None), CLIP)
+                 for i in range(real)]
+  want = jax.tree_util.tree_map(lambda s, *gs: s - sum(gs) / ROWS, start, *per_example)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), out.trainable, want)
+  losses = [float(model_loss(start, {}, jax.tree_util.tree_map(lambda x: x[0, i:i + 1], c.batches), None))
+            for i in range(real)]
+  np.testing.assert_allclose(float(out.loss), np.mean(losses), rtol=1e-5)  # the loss of the real examples only
+
+
 def test_dp_sgd_noise_has_the_stated_scale():
   sigma = 3.0
   update, _ = _toy_update(noise_multiplier=sigma)

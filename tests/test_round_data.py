@@ -49,3 +49,23 @@ def test_no_train_set_on_the_device(make_config):
   batch = exp.train_batches.for_round(0, ids)
   assert batch["input_ids"].shape[:3] == (2, 3, config.optim.batch_size)
   assert batch["input_ids"].shape[3] <= config.data.max_length  # length-bucketed
+
+
+def test_distinct_rows_are_different_examples_of_the_client_in_a_uniform_order():
+  """Sample-level DP's draw: no example twice in a step, every one of the client's examples reachable,
+  a client whose size equals the step's rows gets all of them, and none of another client's."""
+  indices = [np.arange(0, 6), np.arange(6, 40)]
+  batches = round_data.RoundBatches({"x": np.arange(40)}, indices, seed=1, steps=50, rows_per_step=6, distinct=True)
+  rows = batches.rows(0, np.array([0, 1]))
+  assert all(len(set(step)) == 6 for client in rows for step in client)
+  assert all(set(step) == set(range(6)) for step in rows[0])       # 6 of 6: the whole client each step
+  assert set(rows[1].ravel()) == set(range(6, 40))                    # 300 draws reach all 34 examples
+  counts = np.bincount(rows[1].ravel() - 6, minlength=34)
+  assert counts.min() > 0 and counts.max() < 3 * counts.mean()
+  small = round_data.RoundBatches({"x": np.arange(40)}, [np.arange(0, 4), np.arange(4, 40)], seed=1, steps=3,
+                                  rows_per_step=6, distinct=True).for_round(0, np.array([0, 1]))
+  weights = np.asarray(small["example_weights"])
+  assert weights.shape == (2, 3, 6) and (weights[0] == [1, 1, 1, 1, 0, 0]).all() and (weights[1] == 1).all()
+  assert all(set(step[:4]) == set(range(4)) for step in np.asarray(small["x"])[0])  # its 4 examples, once each
+  plain = round_data.RoundBatches({"x": np.arange(40)}, indices, seed=1, steps=50, rows_per_step=6).rows(0, np.array([0]))
+  assert any(len(set(step)) < 6 for step in plain[0])                 # with replacement, a 6-example client repeats
