@@ -59,6 +59,8 @@ class RoundBatches:
     distinct: each step's rows are different examples (draw_rows; sample-level DP)."""
     self.columns = {name: np.asarray(column) for name, column in columns.items()}
     indices, self.counts = partition.pack(client_indices)  # counts: [K] int32 on the host
+    if distinct and indices.shape[1] < rows_per_step:  # every client smaller than a step: room for its filler
+      indices = np.pad(indices, ((0, 0), (0, rows_per_step - indices.shape[1])))
     self.indices, self._device_counts = jnp.asarray(indices), jnp.asarray(self.counts)  # [K, max_n] int32: small
     self.on_device = on_device
     self.seed, self.steps, self.rows_per_step, self.distinct = seed, steps, rows_per_step, distinct

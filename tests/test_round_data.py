@@ -67,5 +67,9 @@ def test_distinct_rows_are_different_examples_of_the_client_in_a_uniform_order()
   weights = np.asarray(small["example_weights"])
   assert weights.shape == (2, 3, 6) and (weights[0] == [1, 1, 1, 1, 0, 0]).all() and (weights[1] == 1).all()
   assert all(set(step[:4]) == set(range(4)) for step in np.asarray(small["x"])[0])  # its 4 examples, once each
+  tiny = round_data.RoundBatches({"x": np.arange(9)}, [np.arange(0, 4), np.arange(4, 9)], seed=0, steps=2,
+                                 rows_per_step=6, distinct=True).for_round(0, np.array([0, 1]))
+  assert np.asarray(tiny["example_weights"]).sum(-1).tolist() == [[4, 4], [5, 5]]  # no client holds a step
+  assert all(set(step[:5]) == set(range(4, 9)) for step in np.asarray(tiny["x"])[1])
   plain = round_data.RoundBatches({"x": np.arange(40)}, indices, seed=1, steps=50, rows_per_step=6).rows(0, np.array([0]))
   assert any(len(set(step)) < 6 for step in plain[0])                 # with replacement, a 6-example client repeats
