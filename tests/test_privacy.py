@@ -77,13 +77,11 @@ def test_dp_sgd_filler_rows_of_a_small_client_add_nothing():
   real = 5
   weighted = c.replace(batches=dict(c.batches, example_weights=jnp.asarray([[1.0] * real + [0.0] * (ROWS - real)])))
   out = update({"base": {}}, weighted)
-  per_example = [privacy.clip(jax.grad(model_loss)(start, {}, jax.tree_util.tree_map(lambda x: x[0, i:i + 1],
-                                                                                     c.batches), None), CLIP)
-                 for i in range(real)]
+  examples = [jax.tree_util.tree_map(lambda x: x[0, i:i + 1], c.batches) for i in range(real)]
+  per_example = [privacy.clip(jax.grad(model_loss)(start, {}, example, None), CLIP) for example in examples]
   want = jax.tree_util.tree_map(lambda s, *gs: s - sum(gs) / ROWS, start, *per_example)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), out.trainable, want)
-  losses = [float(model_loss(start, {}, jax.tree_util.tree_map(lambda x: x[0, i:i + 1], c.batches), None))
-            for i in range(real)]
+  losses = [float(model_loss(start, {}, example, None)) for example in examples]
   np.testing.assert_allclose(float(out.loss), np.mean(losses), rtol=1e-5)  # the loss of the real examples only
 
 
