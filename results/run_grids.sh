@@ -3,13 +3,14 @@
 # metrics.jsonl and config.json are copied to results/<grid>/<algorithm>/seed<k>/, and a run whose
 # copy already logs the last round is skipped, so a grid can be finished over several sessions or
 # machines; the scratch run folders (with checkpoints) live under runs/grids/ and are never
-# committed. Tables: `python -m frlora_jax.compare --report_only --workdir results/<grid> ...`
-# with the grid's config and flags (see tabulate below), which reads only metrics.jsonl.
+# committed. `--tables` rewrites each grid's results.md, results.csv and curves.png from the committed
+# metrics.jsonl alone (`compare --report_only`), over the algorithms whose three seeds are finished.
 #
 #   bash results/run_grids.sh            # every grid, in the order below
 #   bash results/run_grids.sh rotten_tomatoes_new bbc_news_all    # only these grids, in this order
 #   ONLY=fedex_lora,rolora bash results/run_grids.sh bbc_news_all  # only these algorithms
 #   JOBS=2 bash results/run_grids.sh     # two runs at once, each pinned to its own core
+#   bash results/run_grids.sh --tables bbc_news_all   # only the tables, from what has finished
 #
 # JOBS=N starts N workers that walk the same list; a worker takes a run by holding its lock file
 # (flock, released when the worker stops, however it stops), so no run is taken twice. With N > 1
@@ -30,7 +31,9 @@ HET="flora,flexlora,hetlora"
 DP3="frlora,fedavg,ffa_lora"
 DP="--config.dp.mode=sample --config.dp.delta=1e-5 --config.dp.clip_norm=1.0"
 
-# grid | config | algorithms | extra flags
+# grid | config | algorithms | extra flags; each grid's accuracy target (for "rounds to accuracy >= t")
+# is 0.95 x the best non-private mean of its task, fixed so tables stay comparable as rows arrive
+declare -A TARGET=([rotten_tomatoes]=0.636 [bbc_news]=0.857)
 GRIDS=(  # in the order they run: the newer methods, DP and heterogeneous ranks first (issue evidence)
   "rotten_tomatoes_new|configs/demo.py|fedex_lora,rolora,fedsvd,hetlora|"
   "rotten_tomatoes_dp_eps8|configs/demo.py|$DP3|$DP --config.dp.target_epsilon=8"
@@ -57,21 +60,53 @@ if (( JOBS > 1 )); then
   done
 fi
 
+tables_only=0
+if [[ "${1:-}" == "--tables" ]]; then tables_only=1; shift; fi
 selected=("$@")
 if [[ ${#selected[@]} -eq 0 ]]; then
   for entry in "${GRIDS[@]}"; do selected+=("${entry%%|*}"); done
 fi
+target_of() {  # $1: grid; the accuracy target of the task its name starts with
+  local task
+  for task in "${!TARGET[@]}"; do [[ "$1" == "${task}_"* ]] && { echo "${TARGET[$task]}"; return 0; }; done
+  echo "no accuracy target for grid '$1': add its task to TARGET" >&2; return 2
+}
+
+tabulate() {  # $1: grid, $2: config, $3: algorithms, $4: extra flags; the algorithms with every seed finished
+  local grid=$1 config=$2 algorithms=$3 extra=$4 complete=() algorithm seed target
+  for algorithm in ${algorithms//,/ }; do
+    for seed in 0 1 2; do finished "results/$grid/$algorithm/seed$seed/metrics.jsonl" || continue 2; done
+    complete+=("$algorithm")
+  done
+  if (( ${#complete[@]} == 0 )); then echo "$grid: no algorithm has all three seeds yet"; return 0; fi
+  if [[ -f "results/$grid/results.csv" ]]; then  # never drop a row whose per-seed metrics are not committed
+    for algorithm in $(tail -n +2 "results/$grid/results.csv" | cut -d, -f1); do
+      if [[ ! " ${complete[*]} " =~ " $algorithm " ]]; then
+        echo "$grid: left as it is; its table has $algorithm, whose three seeds are not all in results/$grid/" >&2
+        return 0
+      fi
+    done
+  fi
+  target=$(target_of "$grid")
+  local names="${complete[*]}"
+  # shellcheck disable=SC2086
+  python -m frlora_jax.compare --config "$config" --algorithms "${names// /,}" --seeds 0,1,2 \
+    --workdir "results/$grid" $RECIPE $extra --report_only --target="$target"
+}
+
 runs=()  # "grid|config|algorithm|seed|extra", in the order they run
 for wanted in "${selected[@]}"; do
   entry=""
   for candidate in "${GRIDS[@]}"; do [[ "${candidate%%|*}" == "$wanted" ]] && entry="$candidate"; done
   if [[ -z "$entry" ]]; then echo "unknown grid '$wanted'; grids: ${GRIDS[*]%%|*}" >&2; exit 2; fi
   IFS='|' read -r grid config algorithms extra <<<"$entry"
+  if (( tables_only )); then tabulate "$grid" "$config" "$algorithms" "$extra"; continue; fi
   for algorithm in ${algorithms//,/ }; do
     if [[ -n "${ONLY:-}" && ! ",$ONLY," =~ ",$algorithm," ]]; then continue; fi
     for seed in 0 1 2; do runs+=("$grid|$config|$algorithm|$seed|$extra"); done
   done
 done
+if (( tables_only )); then exit 0; fi
 
 run_one() {  # one (grid, algorithm, seed): run it unless its copy is finished, then copy it
   local grid=$1 config=$2 algorithm=$3 seed=$4 extra=$5 pin=("${@:6}")
